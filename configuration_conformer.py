@@ -1,0 +1,199 @@
+"""Configuration of Conformer: a Vision Transformer whose tokens are merged inside the network."""
+
+from transformers import PretrainedConfig
+
+MERGE_MODES = ("none", "bipartite", "submodular")
+CLASSIFIERS = ("token", "gap", "cnn")
+
+
+# Google's released ViT shapes (ViT paper, table 1) and the hybrid's ResNet stage depths, plus the
+# DeiT / AugReg small sizes used for tests and benchmarks.
+def _vit_shape(hidden_size, num_hidden_layers, num_attention_heads, patch_size, **extra):
+    return dict(
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=4 * hidden_size,
+        patch_size=patch_size,
+        **extra,
+    )
+
+
+PRESETS = {
+    "ViT-Ti_16": _vit_shape(192, 12, 3, 16),
+    "ViT-S_16": _vit_shape(384, 12, 6, 16),
+    "ViT-B_16": _vit_shape(768, 12, 12, 16),
+    "ViT-B_32": _vit_shape(768, 12, 12, 32),
+    "ViT-L_16": _vit_shape(1024, 24, 16, 16),
+    "ViT-L_32": _vit_shape(1024, 24, 16, 32),
+    "ViT-H_14": _vit_shape(1280, 32, 16, 14),
+    "R50-ViT-B_16": _vit_shape(768, 12, 12, 16, backbone_depths=[3, 4, 9]),
+}
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}, got {value!r}.")
+
+
+class ConformerConfig(PretrainedConfig):
+    r"""
+    Configuration of a [`ConformerModel`]: a ViT (optionally the R50+ViT hybrid) with token merging between
+    attention and MLP of each layer, and a choice of classifier heads.
+
+    Args:
+        hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, hidden_act, hidden_dropout_prob,
+        attention_probs_dropout_prob, initializer_range, image_size, patch_size, num_channels, qkv_bias:
+            As in transformers' `ViTConfig`. `hidden_act="gelu"` is the exact (erf) GELU that timm and transformers
+            use; Google's Flax code used the tanh approximation, which differs slightly.
+        layer_norm_eps (`float`, defaults to 1e-6):
+            Google's checkpoints and timm use 1e-6 (transformers' `ViTConfig` defaults to 1e-12).
+        representation_size (`int`, *optional*):
+            Width of the tanh "pre-logits" layer of Google's ImageNet-21k checkpoints; `None` for no such layer.
+        backbone_depths (`list[int]`, *optional*):
+            Block counts of the ResNet stages of the hybrid stem (`[3, 4, 9]` for R50+ViT-B/16); `None` for a plain
+            patch embedding. The stem then has stride `2 ** (len(backbone_depths) + 1)`, and `patch_size` (the stride
+            of one token in pixels) must be a multiple of it.
+        merge_mode (`str`, defaults to `"none"`):
+            `"none"`, `"bipartite"` (ToMe's bipartite soft matching) or `"submodular"` (keep the tokens chosen by a
+            facility-location objective, merge every other token into its most similar kept one).
+        merge_r (`int` or `list[int]`, defaults to 0):
+            Tokens removed in each layer: one int for every layer, or one per layer.
+        proportional_attention (`bool`, defaults to `True`):
+            Add `log(size)` to the attention logits of each key, so a merged token weighs as the patches it stands for.
+        classifier (`str`, defaults to `"token"`):
+            `"token"` (class token), `"gap"` (size-weighted mean of the patch tokens) or `"cnn"` (tokens laid back on
+            the patch grid, then a small convolutional head).
+        cnn_head_channels (`int`, defaults to 256):
+            Width of the convolutional head when `classifier="cnn"`.
+    """
+
+    model_type = "conformer"
+
+    def __init__(
+        self,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        initializer_range=0.02,
+        layer_norm_eps=1e-6,
+        image_size=224,
+        patch_size=16,
+        num_channels=3,
+        qkv_bias=True,
+        representation_size=None,
+        backbone_depths=None,
+        merge_mode="none",
+        merge_r=0,
+        proportional_attention=True,
+        classifier="token",
+        cnn_head_channels=256,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.initializer_range = initializer_range
+        self.layer_norm_eps = layer_norm_eps
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.qkv_bias = qkv_bias
+        self.representation_size = representation_size
+        self.backbone_depths = list(backbone_depths) if backbone_depths is not None else None
+        self.merge_mode = merge_mode
+        self.merge_r = list(merge_r) if isinstance(merge_r, (list, tuple)) else merge_r
+        self.proportional_attention = proportional_attention
+        self.classifier = classifier
+        self.cnn_head_channels = cnn_head_channels
+        # Both Auto classes must resolve from one saved folder; `save_pretrained` alone records only the saved one.
+        if not getattr(self, "auto_map", None):
+            self.auto_map = {
+                "AutoConfig": "configuration_conformer.ConformerConfig",
+                "AutoModel": "modeling_conformer.ConformerModel",
+                "AutoModelForImageClassification": "modeling_conformer.ConformerForImageClassification",
+            }
+        self.validate_conformer()
+
+    def validate_conformer(self):
+        """Raise `ValueError` naming the field and what it accepts when a value cannot work."""
+        _check_choice("merge_mode", self.merge_mode, MERGE_MODES)
+        _check_choice("classifier", self.classifier, CLASSIFIERS)
+        for name in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "image_size",
+            "patch_size",
+            "num_channels",
+            "cnn_head_channels",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads})."
+            )
+        if self.representation_size is not None and (
+            not isinstance(self.representation_size, int) or self.representation_size <= 0
+        ):
+            raise ValueError(f"`representation_size` must be None or a positive int, got {self.representation_size!r}.")
+        if self.backbone_depths is not None:
+            if not self.backbone_depths or any(not isinstance(d, int) or d <= 0 for d in self.backbone_depths):
+                raise ValueError(
+                    f"`backbone_depths` must be None or a list of positive ints such as [3, 4, 9], "
+                    f"got {self.backbone_depths!r}."
+                )
+            if self.patch_size % self.backbone_stride:
+                raise ValueError(
+                    f"`patch_size` ({self.patch_size}) must be a multiple of the hybrid stem's stride "
+                    f"({self.backbone_stride} for {len(self.backbone_depths)} stages)."
+                )
+        schedule = self.merge_r if isinstance(self.merge_r, list) else [self.merge_r]
+        if any(not isinstance(r, int) or isinstance(r, bool) or r < 0 for r in schedule):
+            raise ValueError(f"`merge_r` must be a non-negative int or a list of them, got {self.merge_r!r}.")
+        if isinstance(self.merge_r, list) and len(self.merge_r) != self.num_hidden_layers:
+            raise ValueError(
+                f"`merge_r` lists {len(self.merge_r)} values but the model has {self.num_hidden_layers} layers; "
+                "give one int per layer or a single int."
+            )
+
+    @property
+    def backbone_stride(self):
+        """Pixels per feature-map cell of the hybrid stem: the stem (4) times 2 for each stage after the first."""
+        return 2 ** (len(self.backbone_depths) + 1) if self.backbone_depths else 1
+
+    @property
+    def num_patches(self):
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def merge_r_per_layer(self):
+        """One r per layer; all zeros when merging is off."""
+        if self.merge_mode == "none":
+            return [0] * self.num_hidden_layers
+        if isinstance(self.merge_r, list):
+            return list(self.merge_r)
+        return [self.merge_r] * self.num_hidden_layers
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """A config for one of Google's released models (`ViT-B_16`, `R50-ViT-B_16`, ...), `ViT-Ti_16` or `ViT-S_16`."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; known presets: {', '.join(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+__all__ = ["ConformerConfig", "PRESETS"]
