@@ -1,0 +1,209 @@
+"""Token merging: bipartite matching against a reference written from the paper, invariants of every mode, and the
+model-level behaviour (proportional attention, r schedules, errors)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from configuration_conformer import ConformerConfig
+from modeling_conformer import (
+    ConformerAttention,
+    ConformerForImageClassification,
+    bipartite_soft_matching,
+    merge_source,
+    merge_wavg,
+    submodular_matching,
+)
+
+MATCHINGS = {
+    "bipartite": lambda metric, r, size=None: bipartite_soft_matching(metric, r),
+    "submodular": lambda metric, r, size=None: submodular_matching(metric, r, size),
+}
+TINY = dict(
+    hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8
+)
+
+
+def paper_bipartite_groups(metric, r):
+    """ToMe, section 3, one image at a time: A = even positions, B = odd; each A token's best B edge by cosine
+    similarity; the r A tokens with the highest edges join their B token; the class token (position 0) never merges.
+    Returns the output groups in ToMe's order: kept A tokens by position, then every B token (with what joined it)."""
+    tokens = range(metric.shape[0])
+    set_a, set_b = [i for i in tokens if i % 2 == 0], [i for i in tokens if i % 2 == 1]
+    unit = F.normalize(metric, dim=-1)
+    best = {}
+    for a in set_a[1:]:
+        similarities = [float(unit[a] @ unit[b]) for b in set_b]
+        best[a] = (max(similarities), set_b[similarities.index(max(similarities))])
+    merged = sorted(best, key=lambda a: -best[a][0])[:r]
+    groups = [[a] for a in set_a if a not in merged]
+    groups += [sorted([b] + [a for a in merged if best[a][1] == b]) for b in set_b]
+    return groups
+
+
+def groups_of(unmerge, batch, num_tokens, num_out):
+    """The original tokens in each output token, per image."""
+    destination = merge_source(unmerge, torch.arange(num_tokens).expand(batch, -1), num_out)
+    return [[torch.nonzero(row == k).flatten().tolist() for k in range(num_out)] for row in destination]
+
+
+@pytest.mark.parametrize("num_tokens, r", [(17, 1), (17, 5), (17, 8), (26, 6)])
+def test_bipartite_matches_the_papers_algorithm(num_tokens, r):
+    torch.manual_seed(num_tokens + r)
+    metric, features = torch.randn(3, num_tokens, 8), torch.randn(3, num_tokens, 5)
+    sizes = torch.randint(1, 5, (3, num_tokens, 1)).float()
+    merge, unmerge = bipartite_soft_matching(metric, r)
+    merged, merged_sizes = merge_wavg(merge, features, sizes)
+    assert groups_of(unmerge, 3, num_tokens, num_tokens - r) == [paper_bipartite_groups(m, r) for m in metric]
+    for image in range(3):
+        for k, group in enumerate(paper_bipartite_groups(metric[image], r)):
+            weights = sizes[image, group]
+            expected = (features[image, group] * weights).sum(0) / weights.sum()
+            assert torch.allclose(merged[image, k], expected, atol=1e-6)
+            assert merged_sizes[image, k, 0] == weights.sum()
+
+
+@pytest.mark.parametrize("mode", sorted(MATCHINGS))
+@pytest.mark.parametrize("num_tokens, r", [(17, 0), (17, 3), (16, 7), (197, 13)])
+def test_merge_invariants(mode, num_tokens, r):
+    torch.manual_seed(r)
+    metric, features = torch.randn(4, num_tokens, 16), torch.randn(4, num_tokens, 6)
+    merge, unmerge = MATCHINGS[mode](metric, r)
+    merged, sizes = merge_wavg(merge, features)
+    assert merged.shape == (4, num_tokens - r, 6) and sizes.shape == (4, num_tokens - r, 1)
+    assert torch.equal(sizes.sum(1), torch.full((4, 1), float(num_tokens)))
+    assert torch.equal(merged[:, 0], features[:, 0]) and (sizes[:, 0] == 1).all()  # class token untouched
+    groups = groups_of(unmerge, 4, num_tokens, num_tokens - r)
+    for image_groups in groups:  # a partition: every token in exactly one non-empty group
+        assert sorted(t for g in image_groups for t in g) == list(range(num_tokens))
+        assert all(image_groups) and image_groups[0] == [0]
+    # unmerge(merge(x)): each original token receives its group's mean
+    restored = unmerge(merge(features, mode="mean"))
+    for image, image_groups in enumerate(groups):
+        for group in image_groups:
+            assert torch.allclose(restored[image, group], features[image, group].mean(0).expand(len(group), -1))
+    assert torch.allclose(merge(features, mode="sum").sum(1), features.sum(1), atol=1e-5)
+
+
+def test_submodular_recovers_duplicated_tokens_exactly():
+    """Five directions, each repeated four times (plus a class token): removing 15 tokens must merge the duplicates
+    and lose nothing, since keeping one copy of each direction represents every token perfectly."""
+    torch.manual_seed(0)
+    directions = F.normalize(torch.randn(5, 16), dim=-1)
+    tokens = directions.repeat_interleave(4, dim=0)[torch.randperm(20)]
+    metric = torch.cat([torch.randn(1, 16), tokens])[None]
+    merge, unmerge = submodular_matching(metric, 15)
+    restored = unmerge(merge(metric, mode="mean"))
+    assert torch.allclose(restored, metric, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", sorted(MATCHINGS))
+def test_r_beyond_what_a_call_can_remove_names_the_token_count(mode):
+    metric = torch.randn(1, 17, 4)
+    limit = {"bipartite": 8, "submodular": 15}[mode]
+    MATCHINGS[mode](metric, limit)  # the limit itself works
+    with pytest.raises(ValueError, match="17 tokens"):
+        MATCHINGS[mode](metric, limit + 1)
+    with pytest.raises(ValueError, match="r=-1"):
+        MATCHINGS[mode](metric, -1)
+
+
+def test_merge_wavg_is_safe_in_float16():
+    features = torch.full((1, 9, 4), 3000.0, dtype=torch.float16)
+    sizes = torch.full((1, 9, 1), 100.0)
+    merge, _ = bipartite_soft_matching(torch.randn(1, 9, 4), 4)
+    merged, merged_sizes = merge_wavg(merge, features, sizes)
+    assert merged.dtype == torch.float16 and torch.isfinite(merged).all()
+    assert torch.allclose(merged.float(), torch.full_like(merged.float(), 3000.0))
+
+
+def test_proportional_attention_equals_eager_attention_with_a_log_size_bias():
+    torch.manual_seed(0)
+    config = ConformerConfig(**TINY)
+    config._attn_implementation = "eager"
+    attention = ConformerAttention(config).eval()
+    hidden = torch.randn(2, 7, 32)
+    sizes = torch.randint(1, 6, (2, 7)).float()
+    bias = sizes.log()[:, None, None, :]
+    output, weights, _ = attention(hidden, bias)
+
+    # By hand: softmax(q k^T / sqrt(d) + log(size_key)) v, heads concatenated, then the output projection.
+    def heads(x):
+        return x.view(2, 7, 4, 8).transpose(1, 2)
+
+    query, key, value = (
+        heads(attention.q_proj(hidden)),
+        heads(attention.k_proj(hidden)),
+        heads(attention.v_proj(hidden)),
+    )
+    logits = query @ key.transpose(-1, -2) / math.sqrt(8) + sizes.log()[:, None, None, :]
+    expected_weights = logits.softmax(-1)
+    expected = attention.o_proj((expected_weights @ value).transpose(1, 2).reshape(2, 7, 32))
+    assert torch.allclose(weights, expected_weights, atol=1e-6)
+    assert torch.allclose(output, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", sorted(MATCHINGS))
+def test_sdpa_and_eager_agree_with_merging_on(mode):
+    torch.manual_seed(0)
+    config = ConformerConfig(**TINY, merge_mode=mode, merge_r=[3, 2, 2], num_labels=4)
+    eager = ConformerForImageClassification._from_config(config, attn_implementation="eager").eval()
+    sdpa = ConformerForImageClassification._from_config(config, attn_implementation="sdpa").eval()
+    sdpa.load_state_dict(eager.state_dict())
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(eager(pixels).logits, sdpa(pixels).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", sorted(MATCHINGS))
+def test_r_zero_equals_merging_off(mode):
+    torch.manual_seed(0)
+    off = ConformerForImageClassification(ConformerConfig(**TINY, num_labels=4)).eval()
+    zero = ConformerForImageClassification(ConformerConfig(**TINY, num_labels=4, merge_mode=mode, merge_r=0)).eval()
+    zero.load_state_dict(off.state_dict())
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(off(pixels).logits, zero(pixels).logits)
+
+
+@pytest.mark.parametrize("mode", sorted(MATCHINGS))
+def test_per_layer_schedule_and_merge_info(mode):
+    model = ConformerForImageClassification(ConformerConfig(**TINY, merge_mode=mode, merge_r=[5, 0, 3])).eval()
+    outputs = model(torch.randn(2, 3, 32, 32), output_hidden_states=True, output_merge_info=True)
+    assert [h.shape[1] for h in outputs.hidden_states] == [17, 12, 12, 9]
+    assert outputs.token_sizes.shape == (2, 9) and torch.equal(outputs.token_sizes.sum(1), torch.full((2,), 17.0))
+    assert outputs.source_map.shape == (2, 17) and (outputs.source_map[:, 0] == 0).all()
+    for sizes, source in zip(outputs.token_sizes, outputs.source_map):  # the map and the sizes agree
+        assert torch.equal(torch.bincount(source, minlength=9).float(), sizes)
+
+
+def test_merge_info_is_left_out_unless_asked():
+    model = ConformerForImageClassification(ConformerConfig(**TINY, merge_mode="bipartite", merge_r=2)).eval()
+    outputs = model(torch.randn(1, 3, 32, 32))
+    assert outputs.token_sizes is None and outputs.source_map is None
+
+
+def test_cnn_head_reads_tokens_laid_back_on_the_patch_grid():
+    """With merging off, the CNN head's input is exactly the patch tokens in raster order."""
+    model = ConformerForImageClassification(ConformerConfig(**TINY, classifier="cnn", cnn_head_channels=8)).eval()
+    seen = {}
+    model.cnn_head.layers[0].register_forward_hook(lambda module, args, out: seen.update(grid=args[0]))
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.conformer(pixels).last_hidden_state
+        model(pixels)
+    assert torch.equal(seen["grid"], tokens[:, 1:].transpose(1, 2).reshape(2, 32, 4, 4))
+
+
+def test_gap_classifier_is_a_size_weighted_mean():
+    model = ConformerForImageClassification(
+        ConformerConfig(**TINY, classifier="gap", merge_mode="submodular", merge_r=4)
+    ).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        base = model.conformer(pixels)
+        sizes = base.token_sizes[:, 1:, None]
+        expected = model.classifier((base.last_hidden_state[:, 1:] * sizes).sum(1) / sizes.sum(1))
+        assert torch.allclose(model(pixels).logits, expected, atol=1e-6)
