@@ -1,0 +1,458 @@
+"""The converter against timm's own loader of Google's `.npz` format, on tiny synthetic checkpoints.
+
+Each checkpoint is written in Google's exact key layout (the one timm's `_load_weights` reads) with random weights;
+the reference is timm's `VisionTransformer` of the same shape, built here and loaded by timm, never by our code.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from huggingface_hub import ModelCard
+from timm.layers import HybridEmbed
+from timm.models.vision_transformer import VisionTransformer, _load_weights
+from timm.models.vision_transformer_hybrid import _resnetv2
+
+import convert_npz_to_hf as converter
+from configuration_conformer import ConformerConfig
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+WIDTH, DEPTH, HEADS, MLP, PATCH, GRID, CLASSES = 32, 2, 2, 64, 8, 4, 5
+TOLERANCE = 1e-4
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Synthetic checkpoints in Google's layout
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def google_vit_params(
+    representation_size=None,
+    backbone_depths=None,
+    gn_4d=False,
+    big_vision=False,
+    position_class_slot=True,
+    num_classes=CLASSES,
+    seed=0,
+):
+    """Random weights under the keys of google-research/vision_transformer (or big_vision's stacked layout).
+
+    Hybrid: a BiT ResNet of `backbone_depths` stages at R50 widths (64 stem; 256, 512, ... per stage), then a
+    (PATCH / stride)-sized embedding over its feature map. `gn_4d` stores GroupNorm parameters as [1, 1, 1, C].
+    """
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape, scale=0.2, offset=0.0):
+        return (offset + scale * rng.standard_normal(shape)).astype(np.float32)
+
+    params = {}
+    if backbone_depths:
+
+        def group_norm(name, channels):
+            shape = (1, 1, 1, channels) if gn_4d else (channels,)
+            params[f"{name}/scale"], params[f"{name}/bias"] = (
+                rand(*shape, scale=0.1, offset=1.0),
+                rand(*shape, scale=0.1),
+            )
+
+        params["conv_root/kernel"] = rand(7, 7, 3, 64)
+        group_norm("gn_root", 64)
+        in_channels = 64
+        for stage, depth in enumerate(backbone_depths):
+            out_channels = 256 * 2**stage
+            mid = out_channels // 4
+            for unit in range(depth):
+                block = f"block{stage + 1}/unit{unit + 1}/"
+                params[block + "conv1/kernel"] = rand(1, 1, in_channels, mid)
+                group_norm(block + "gn1", mid)
+                params[block + "conv2/kernel"] = rand(3, 3, mid, mid)
+                group_norm(block + "gn2", mid)
+                params[block + "conv3/kernel"] = rand(1, 1, mid, out_channels)
+                group_norm(block + "gn3", out_channels)
+                if unit == 0:
+                    params[block + "conv_proj/kernel"] = rand(1, 1, in_channels, out_channels)
+                    group_norm(block + "gn_proj", out_channels)
+                in_channels = out_channels
+        kernel = PATCH // 2 ** (len(backbone_depths) + 1)
+        params["embedding/kernel"] = rand(kernel, kernel, in_channels, WIDTH, scale=0.05)
+    else:
+        params["embedding/kernel"] = rand(PATCH, PATCH, 3, WIDTH, scale=0.05)
+    params["embedding/bias"] = rand(WIDTH)
+    params["cls"] = rand(1, 1, WIDTH)
+    position = rand(1, GRID * GRID + int(position_class_slot), WIDTH)
+
+    head_dim = WIDTH // HEADS
+    layers = []
+    for _ in range(DEPTH):
+        layer = {
+            "LayerNorm_0/scale": rand(WIDTH, scale=0.1, offset=1.0),
+            "LayerNorm_0/bias": rand(WIDTH, scale=0.1),
+            "MultiHeadDotProductAttention_1/out/kernel": rand(HEADS, head_dim, WIDTH),
+            "MultiHeadDotProductAttention_1/out/bias": rand(WIDTH),
+            "LayerNorm_2/scale": rand(WIDTH, scale=0.1, offset=1.0),
+            "LayerNorm_2/bias": rand(WIDTH, scale=0.1),
+            "MlpBlock_3/Dense_0/kernel": rand(WIDTH, MLP),
+            "MlpBlock_3/Dense_0/bias": rand(MLP),
+            "MlpBlock_3/Dense_1/kernel": rand(MLP, WIDTH),
+            "MlpBlock_3/Dense_1/bias": rand(WIDTH),
+        }
+        for name in ("query", "key", "value"):
+            layer[f"MultiHeadDotProductAttention_1/{name}/kernel"] = rand(WIDTH, HEADS, head_dim)
+            layer[f"MultiHeadDotProductAttention_1/{name}/bias"] = rand(HEADS, head_dim)
+        layers.append(layer)
+    params["Transformer/encoder_norm/scale"] = rand(WIDTH, scale=0.1, offset=1.0)
+    params["Transformer/encoder_norm/bias"] = rand(WIDTH, scale=0.1)
+    head_in = WIDTH
+    if representation_size:
+        params["pre_logits/kernel"], params["pre_logits/bias"] = (
+            rand(WIDTH, representation_size),
+            rand(representation_size),
+        )
+        head_in = representation_size
+    params["head/kernel"], params["head/bias"] = rand(head_in, num_classes), rand(num_classes)
+
+    if not big_vision:
+        params["Transformer/posembed_input/pos_embedding"] = position
+        for index, layer in enumerate(layers):
+            params.update({f"Transformer/encoderblock_{index}/{key}": value for key, value in layer.items()})
+        return params
+    # big_vision: `params/` prefix, its own module numbering, position embedding at the top, layers stacked.
+    renames = {"MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0", "LayerNorm_2": "LayerNorm_1"}
+    renames["MlpBlock_3"] = "MlpBlock_0"
+    stacked = {f"params/{key}": value for key, value in params.items()}
+    stacked["params/pos_embedding"] = position
+    for key in layers[0]:
+        new_key = key
+        for old, new in renames.items():
+            new_key = new_key.replace(old, new)
+        stacked[f"params/Transformer/encoderblock/{new_key}"] = np.stack([layer[key] for layer in layers])
+    return stacked
+
+
+def write_npz(path, params):
+    np.savez(path, **params)
+    return path
+
+
+def timm_model(image_size, backbone_depths=None, num_classes=CLASSES, no_embed_class=False):
+    """timm's ViT of the synthetic shape; the hybrid as timm's `vit_base_r50_s16_224` builds it, with tiny stages."""
+    kwargs = dict(
+        img_size=image_size,
+        embed_dim=WIDTH,
+        depth=DEPTH,
+        num_heads=HEADS,
+        mlp_ratio=MLP / WIDTH,
+        num_classes=num_classes,
+        no_embed_class=no_embed_class,
+    )
+    if backbone_depths:
+        backbone = _resnetv2(layers=tuple(backbone_depths))  # ResNetV2, StdConv2dSame(eps=1e-8), preact=False, "same"
+        kwargs.update(
+            patch_size=PATCH // 2 ** (len(backbone_depths) + 1), embed_layer=partial(HybridEmbed, backbone=backbone)
+        )
+    else:
+        kwargs.update(patch_size=PATCH)
+    return VisionTransformer(**kwargs).eval()
+
+
+def random_pixels(image_size, batch=2):
+    return torch.rand(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+@pytest.fixture
+def plain_npz(tmp_path):
+    return write_npz(tmp_path / "ViT-tiny.npz", google_vit_params())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Exactness against timm
+# --------------------------------------------------------------------------------------------------------------------
+
+CASES = {
+    "plain": dict(params={}, image_size=32),
+    "plain-resized": dict(params={}, image_size=48),
+    "hybrid": dict(params=dict(backbone_depths=[1, 1]), image_size=32),
+    "hybrid-gn-1x1x1xC-resized": dict(params=dict(backbone_depths=[1, 1], gn_4d=True), image_size=48),
+    "big-vision-stacked": dict(params=dict(big_vision=True), image_size=32),
+    "big-vision-no-class-slot-resized": dict(params=dict(big_vision=True, position_class_slot=False), image_size=48),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+@torch.no_grad()
+def test_logits_equal_timm_loader(tmp_path, case):
+    params, image_size = CASES[case]["params"], CASES[case]["image_size"]
+    path = write_npz(tmp_path / "checkpoint.npz", google_vit_params(**params))
+    reference = timm_model(
+        image_size,
+        backbone_depths=params.get("backbone_depths"),
+        no_embed_class=not params.get("position_class_slot", True),
+    )
+    _load_weights(reference, str(path))  # resamples position embeddings itself when the grid differs
+
+    model = converter.convert_checkpoint(path, image_size=image_size)
+
+    pixels = random_pixels(image_size)
+    expected = reference(pixels)
+    assert model.config.image_size == image_size
+    assert (model(pixels).logits - expected).abs().max().item() < TOLERANCE
+
+
+@pytest.mark.parametrize("backbone_depths", [None, [1, 1]], ids=["plain", "hybrid"])
+@torch.no_grad()
+def test_pre_logits_equal_head_of_tanh_computed_by_hand(tmp_path, backbone_depths):
+    # A representation width unlike the hidden width, so a transposed kernel cannot pass.
+    params = google_vit_params(representation_size=24, backbone_depths=backbone_depths, gn_4d=True)
+    path = write_npz(tmp_path / "in21k.npz", params)
+    reference = timm_model(32, backbone_depths=backbone_depths, num_classes=0)  # timm drops pre_logits
+    _load_weights(reference, str(path))
+
+    model = converter.convert_checkpoint(path)
+
+    pixels = random_pixels(32)
+    cls = reference.forward_head(reference.forward_features(pixels), pre_logits=True)
+    hidden = torch.tanh(
+        cls @ torch.from_numpy(params["pre_logits/kernel"]) + torch.from_numpy(params["pre_logits/bias"])
+    )
+    expected = hidden @ torch.from_numpy(params["head/kernel"]) + torch.from_numpy(params["head/bias"])
+    assert model.config.representation_size == 24
+    assert (model(pixels).logits - expected).abs().max().item() < TOLERANCE
+
+
+def test_new_num_labels_gives_zero_head_without_pre_logits(tmp_path):
+    path = write_npz(tmp_path / "in21k.npz", google_vit_params(representation_size=24))
+    model = converter.convert_checkpoint(path, num_labels=3, merge_mode="bipartite", merge_r=2)
+    assert model.pre_logits is None and model.config.representation_size is None
+    assert model.classifier.weight.shape == (3, WIDTH)
+    assert not model.classifier.weight.any() and not model.classifier.bias.any()
+    assert model.config.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+    assert (model.config.merge_mode, model.config.merge_r) == ("bipartite", 2)
+
+
+def test_infer_config_reads_architecture_from_shapes():
+    params = google_vit_params(representation_size=24, backbone_depths=[1, 1])
+    config = converter.infer_config(params)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (WIDTH, DEPTH, HEADS)
+    assert (config.intermediate_size, config.patch_size, config.image_size) == (MLP, PATCH, GRID * PATCH)
+    assert config.backbone_depths == [1, 1] and config.representation_size == 24 and config.num_labels == CLASSES
+    assert config.layer_norm_eps == 1e-6 and config.hidden_act == "gelu"
+
+
+def test_imagenet_1k_head_gets_imagenet_class_names():
+    config = converter.infer_config(google_vit_params(num_classes=1000))
+    assert config.id2label[0] == "tench, Tinca tinca" and config.id2label[999].startswith("toilet tissue")
+
+
+def test_model_type_mismatch_says_what_the_file_contains():
+    with pytest.raises(converter.ConversionError, match=r"ViT-B_16 does not match .*width 32, 2 layers, 2 heads"):
+        converter.infer_config(google_vit_params(), model_type="ViT-B_16")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The folder and its model card
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_convert_writes_a_hub_folder_that_loads_in_a_fresh_process(tmp_path, capsys):
+    path = write_npz(tmp_path / "R50+tiny.npz", google_vit_params(backbone_depths=[1, 1]))
+    out = converter.convert(path, tmp_path / "out", verify=True, merge_mode="submodular", merge_r=2)
+
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "config.json",
+        "configuration_conformer.py",
+        "model.safetensors",
+        "modeling_conformer.py",
+        "preprocessor_config.json",
+    ]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+    assert "verify: largest |ours - timm|" in capsys.readouterr().out
+    auto_map = json.loads((out / "config.json").read_text())["auto_map"]
+    assert {"AutoConfig", "AutoModel", "AutoModelForImageClassification"} <= set(auto_map)
+    processor = json.loads((out / "preprocessor_config.json").read_text())
+    assert processor["image_processor_type"] == "ViTImageProcessor"
+    assert processor["size"] == {"height": 32, "width": 32} and processor["image_mean"] == [0.5] * 3
+
+    # Remote code, loaded from elsewhere by a process that never imported our modules; logits equal timm's.
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForImageClassification\n"
+        "model = AutoModelForImageClassification.from_pretrained(\n"
+        "    sys.argv[1], trust_remote_code=True, merge_mode='none')\n"
+        "pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1\n"
+        "torch.save(model.eval()(pixels).logits.detach(), sys.argv[2])\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    subprocess.run(
+        [sys.executable, "-c", script, str(out), str(tmp_path / "logits.pt")], cwd=tmp_path, env=env, check=True
+    )
+    reference = timm_model(32, backbone_depths=[1, 1])
+    _load_weights(reference, str(path))
+    with torch.no_grad():
+        expected = reference(random_pixels(32))
+    assert (torch.load(tmp_path / "logits.pt") - expected).abs().max().item() < TOLERANCE
+
+
+def test_model_card_yaml_holds_hub_fields_and_merging(tmp_path):
+    path = write_npz(tmp_path / "tiny.npz", google_vit_params())
+    out = converter.convert(path, tmp_path / "out", merge_mode="bipartite", merge_r=[2, 1])
+    card = ModelCard.load(out / "README.md")
+    metadata = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert metadata == card.data.to_dict()
+    assert metadata["license"] == "apache-2.0" and metadata["library_name"] == "transformers"
+    assert metadata["pipeline_tag"] == "image-classification"
+    assert {"vision", "image-classification", "vit", "token-merging", "conformer"} <= set(metadata["tags"])
+    assert metadata["token_merging"] == {
+        "merge_mode": "bipartite",
+        "merge_r": [2, 1],
+        "proportional_attention": True,
+        "classifier": "token",
+        "tokens_in": 17,
+        "tokens_out": 14,
+    }
+    assert "--merge_mode bipartite --merge_r 2,1" in card.text
+
+
+def test_model_card_of_a_fine_tuned_release_holds_upstream_accuracy():
+    config = ConformerConfig.from_preset("R50-ViT-B_16", image_size=384, num_labels=1000)
+    facts = converter.CardFacts(
+        model_type="R50-ViT-B_16",
+        source_file="R50+ViT-B_16.npz",
+        pretrained_classes=1000,
+        source_image_size=384,
+        keep_head=True,
+    )
+    metadata = ModelCard(converter.render_model_card(config, facts)).data.to_dict()
+    assert metadata["datasets"] == ["imagenet-21k", "imagenet-1k"]
+    result = metadata["model-index"][0]["results"][0]
+    assert result["dataset"]["type"] == "imagenet-1k"
+    assert result["metrics"][0]["type"] == "accuracy" and result["metrics"][0]["value"] == 85.082
+    assert "github.com/google-research/vision_transformer" in result["source"]["url"]
+
+
+def test_model_cards_directory_is_what_the_converter_generates(tmp_path, capsys):
+    assert converter.main(["--write_model_cards", str(tmp_path)]) == 0
+    committed = REPO_DIR / "model_cards"
+    expected_names = {f"{model_type}.md" for model_type in converter.SEED_CHECKPOINTS}
+    assert {path.name for path in committed.glob("*.md")} == expected_names | {"template.md"}
+    for name in sorted(expected_names):
+        assert (committed / name).read_text(encoding="utf-8") == (tmp_path / name).read_text(encoding="utf-8"), (
+            f"model_cards/{name} is stale: regenerate with python convert_npz_to_hf.py --write_model_cards"
+        )
+        metadata = ModelCard.load(committed / name).data.to_dict()
+        assert metadata["datasets"] == ["imagenet-21k"] and metadata["pipeline_tag"] == "image-classification"
+    assert "85.082% top-1" in (committed / "R50-ViT-B_16.md").read_text(encoding="utf-8")
+
+
+def test_push_to_hub_uploads_the_written_folder(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kwargs: calls.append(("create", repo_id)))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kwargs: calls.append(("upload", kwargs)))
+    path = write_npz(tmp_path / "tiny.npz", google_vit_params())
+    out = converter.convert(path, tmp_path / "out", push_to_hub="user/tiny-conformer")
+    assert calls[0] == ("create", "user/tiny-conformer")
+    assert calls[1][1]["repo_id"] == "user/tiny-conformer" and Path(calls[1][1]["folder_path"]) == out
+    assert 'from_pretrained("user/tiny-conformer"' in (out / "README.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit status 2, nothing written
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def run_main_expecting_error(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        converter.main(argv)
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    return stderr
+
+
+def test_file_that_is_not_an_npz(tmp_path, capsys):
+    (tmp_path / "notes.npz").write_text("not a checkpoint")
+    stderr = run_main_expecting_error(
+        capsys, ["--npz_path", str(tmp_path / "notes.npz"), "--output_dir", str(tmp_path / "out")]
+    )
+    assert "not an .npz archive" in stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_npz(tmp_path, capsys, plain_npz):
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(plain_npz.read_bytes()[: plain_npz.stat().st_size // 2])
+    stderr = run_main_expecting_error(capsys, ["--npz_path", str(truncated), "--output_dir", str(tmp_path / "out")])
+    assert "truncated or corrupt" in stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_object_array_is_refused_not_unpickled(tmp_path, capsys):
+    params = {key: value for key, value in google_vit_params().items()}
+    params["cls"] = np.array([{"payload": "pickled"}], dtype=object)
+    path = write_npz(tmp_path / "pickled.npz", params)
+    stderr = run_main_expecting_error(capsys, ["--npz_path", str(path), "--output_dir", str(tmp_path / "out")])
+    assert "`cls` is an object array" in stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_key_is_named(tmp_path, capsys):
+    params = google_vit_params()
+    del params["Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias"]
+    path = write_npz(tmp_path / "missing.npz", params)
+    stderr = run_main_expecting_error(capsys, ["--npz_path", str(path), "--output_dir", str(tmp_path / "out")])
+    assert "missing key `Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias`" in stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_shape_contradicting_the_architecture_names_both(tmp_path, capsys):
+    params = google_vit_params()
+    params["Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"] = np.zeros((WIDTH, 100), np.float32)
+    path = write_npz(tmp_path / "bad-shape.npz", params)
+    stderr = run_main_expecting_error(capsys, ["--npz_path", str(path), "--output_dir", str(tmp_path / "out")])
+    assert "`Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel` has shape (32, 100)" in stderr
+    assert "needs (32, 64)" in stderr and "MLP 64" in stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_empty_output_dir_is_kept_unless_overwrite(tmp_path, capsys, plain_npz):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    stderr = run_main_expecting_error(capsys, ["--npz_path", str(plain_npz), "--output_dir", str(out)])
+    assert "exists and is not empty" in stderr and "--overwrite" in stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+    assert converter.main(["--npz_path", str(plain_npz), "--output_dir", str(out), "--overwrite"]) == 0
+    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+
+
+def test_command_line_error_has_no_traceback(tmp_path):
+    """The real entry point, in its own process: one line, status 2, nothing written."""
+    params = google_vit_params()
+    del params["head/bias"]
+    path = write_npz(tmp_path / "no-head-bias.npz", params)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_DIR / "convert_npz_to_hf.py"),
+            "--npz_path",
+            str(path),
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 2
+    assert result.stderr == "error: missing key `head/bias`\n"
+    assert not (tmp_path / "out").exists()
