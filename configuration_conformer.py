@@ -2,7 +2,7 @@
 
 from transformers import PretrainedConfig
 
-MERGE_MODES = ("none", "bipartite", "submodular")
+MERGE_MODES = ("none", "bipartite", "submodular", "ward")
 CLASSIFIERS = ("token", "gap", "cnn")
 
 
@@ -55,8 +55,9 @@ class ConformerConfig(PretrainedConfig):
             patch embedding. The stem then has stride `2 ** (len(backbone_depths) + 1)`, and `patch_size` (the stride
             of one token in pixels) must be a multiple of it.
         merge_mode (`str`, defaults to `"none"`):
-            `"none"`, `"bipartite"` (ToMe's bipartite soft matching) or `"submodular"` (keep the tokens chosen by a
-            facility-location objective, merge every other token into its most similar kept one).
+            `"none"`, `"bipartite"` (ToMe's bipartite soft matching), `"submodular"` (keep the tokens chosen by a
+            facility-location objective, merge every other token into its most similar kept one) or `"ward"` (Ward's
+            agglomerative clustering: join the groups whose union adds the least scatter).
         merge_r (`int` or `list[int]`, defaults to 0):
             Tokens removed in each layer: one int for every layer, or one per layer.
         proportional_attention (`bool`, defaults to `True`):

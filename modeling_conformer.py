@@ -60,7 +60,7 @@ def max_merge_r(num_tokens: int, mode: str, protect_cls: bool = True) -> int:
     if mode == "bipartite":
         # Only tokens of set A (even positions) can go, and the class token, if protected, is one of them.
         return (num_tokens + 1) // 2 - int(protect_cls)
-    if mode == "submodular":
+    if mode in ("submodular", "ward"):
         # Keep the class token (if protected) and at least one other token.
         return num_tokens - 1 - int(protect_cls)
     return 0
@@ -109,46 +109,180 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protect_cls: bool = Tr
     return _merge_by_destination(destination, num_tokens - r)
 
 
-def submodular_matching(metric: torch.Tensor, r: int, size: torch.Tensor | None = None, protect_cls: bool = True):
+def _unit_vectors_and_weights(metric: torch.Tensor, size: torch.Tensor | None):
+    """Unit-length metric vectors [batch, tokens, channels] and token weights [batch, tokens], both float32."""
+    unit = F.normalize(metric.float(), dim=-1)
+    if size is None:
+        return unit, unit.new_ones(unit.shape[:2])
+    return unit, size.float().reshape(unit.shape[:2])
+
+
+def _destination_from_owner(owner: torch.LongTensor, kept: torch.BoolTensor) -> torch.LongTensor:
+    """`owner[b, i]`: the kept token that token i joins (itself if kept). Output k is the k-th kept token."""
+    output_index = kept.long().cumsum(dim=-1) - 1
+    return output_index.gather(1, owner)
+
+
+def submodular_matching(
+    metric: torch.Tensor, r: int, size: torch.Tensor | None = None, protect_cls: bool = True, max_rounds: int = 3
+):
     """Keep the tokens that best represent all others, merge each removed token into its most similar kept one.
 
     The kept set S approximately maximises the facility-location objective
     `F(S) = sum_j size_j * max_{i in S} cos(metric_i, metric_j)`: every token is represented by its most similar kept
-    token, weighted by how many patches it already stands for. Any token may absorb any other, so groups follow the
-    content instead of a fixed A/B split. `size` is [batch, tokens, 1] (None: all ones).
+    token, weighted by how many patches it already stands for (`size` [batch, tokens, 1]; None: all ones). Any token
+    may absorb any other, so groups follow the content instead of a fixed A/B split.
+
+    Reverse greedy (remove the token whose loss is smallest) in at most `max_rounds` batched rounds, not r sequential
+    steps. Each round computes the exact marginal loss of removing each kept token i,
+    `loss_i = sum_{j represented by i} size_j * (cos(j, i) - cos(j, second kept choice of j))`,
+    and removes the cheapest tokens that do not conflict: among the cheapest 2 * (still to remove) candidates, a token
+    goes only if it ranks before the token it would join and before every candidate that would join it. That stops
+    two near-duplicates (each cheap because the other covers it) from leaving together, and a token from leaving with
+    its destination. Rounds repeat, with the losses recomputed, until r tokens are gone; the last allowed round fills up
+    with the cheapest remaining candidates so that exactly r go. Most calls need one or two rounds.
     """
     batch, num_tokens, _ = metric.shape
     _check_merge_r(r, num_tokens, "submodular", protect_cls)
     if r == 0:
         return _identity, _identity
     with torch.no_grad():
-        unit = F.normalize(metric.float(), dim=-1)
-        similarity = unit @ unit.transpose(-1, -2)  # [batch, tokens, tokens]
-        similarity.diagonal(dim1=-2, dim2=-1).fill_(-math.inf)  # a token cannot absorb itself
-        if protect_cls:
-            similarity[:, :, 0] = -math.inf  # nothing merges into the class token
-        weight = size[..., 0].float() if size is not None else torch.ones(batch, num_tokens, device=metric.device)
-
-        # Removing token i from the full set costs F exactly weight_i * (1 - similarity to its nearest token).
-        nearest_similarity, nearest = similarity.max(dim=-1)
-        removal_cost = weight * (1 - nearest_similarity)
-        if protect_cls:
-            removal_cost[:, 0] = math.inf
-        # That cost assumes i's nearest token stays. Of two tokens that are each other's nearest, both look cheap but
-        # only one may go: defer any token whose nearest token is cheaper to remove than itself (ties: lower index).
+        unit, weight = _unit_vectors_and_weights(metric, size)
+        similarity = unit @ unit.transpose(-1, -2)  # [batch, tokens, tokens] cosine
+        similarity.diagonal(dim1=-2, dim2=-1).fill_(1.0)  # a kept token represents itself exactly
         positions = torch.arange(num_tokens, device=metric.device)
-        partner_cost = removal_cost.gather(1, nearest)
-        deferred = (partner_cost < removal_cost) | ((partner_cost == removal_cost) & (nearest < positions))
-        # Lexicographic order: candidates by cost first, deferred tokens only when candidates run out.
-        order = removal_cost.argsort(dim=-1)
-        order = order.gather(1, deferred.gather(1, order).to(torch.uint8).argsort(dim=-1, stable=True))
-        removed = torch.zeros(batch, num_tokens, dtype=torch.bool, device=metric.device)
-        removed.scatter_(1, order[:, :r], True)
+        kept = torch.ones(batch, num_tokens, dtype=torch.bool, device=metric.device)
+        removable = kept.clone()
+        if protect_cls:
+            removable[:, 0] = False
+            similarity[:, 1:, 0] = -math.inf  # the class token neither represents nor absorbs another token
+        still_to_remove = torch.full((batch, 1), r, device=metric.device)
+        beyond_every_rank = torch.full((batch, num_tokens), num_tokens, device=metric.device)
 
-        # Kept tokens keep their order; each removed token joins its most similar kept token.
-        kept_rank = (~removed).cumsum(dim=-1) - 1
-        absorber = similarity.masked_fill(removed[:, None, :], -math.inf).argmax(dim=-1)
-        destination = torch.where(removed, kept_rank.gather(1, absorber), kept_rank)
+        def similarity_to_kept():
+            # An additive -inf column for removed tokens: on CPU much cheaper than a boolean mask of the matrix.
+            return similarity + weight.new_zeros(batch, num_tokens).masked_fill_(~kept, -math.inf)[:, None, :]
+
+        for round_index in range(max_rounds):
+            to_kept = similarity_to_kept()
+            best, representative = to_kept.max(dim=-1)  # each token's most similar kept token (itself if kept)
+            second, second_choice = to_kept.scatter_(2, representative[..., None], -math.inf).max(dim=-1)
+            loss = torch.zeros_like(weight).scatter_add_(1, representative, weight * (best - second))
+            candidate = kept & removable
+            loss = loss.masked_fill(~candidate, math.inf)
+            order = loss.argsort(dim=-1)  # cheapest first
+            rank = torch.empty_like(order).scatter_(1, order, positions.expand(batch, -1))
+            in_pool = candidate & (rank < (2 * still_to_remove))
+            joins = torch.where(representative == positions, second_choice, representative)  # where i would go
+            pool_rank = torch.where(in_pool, rank, beyond_every_rank)
+            first_rank_joining = beyond_every_rank.scatter_reduce(1, joins, pool_rank, reduce="amin")
+            accepted = in_pool & (pool_rank < pool_rank.gather(1, joins)) & (pool_rank < first_rank_joining)
+
+            accepted_by_cost = accepted.gather(1, order)
+            removed_by_cost = accepted_by_cost & (accepted_by_cost.long().cumsum(dim=-1) <= still_to_remove)
+            if round_index == max_rounds - 1:
+                others = candidate.gather(1, order) & ~removed_by_cost
+                missing = still_to_remove - removed_by_cost.sum(dim=-1, keepdim=True)
+                removed_by_cost |= others & (others.long().cumsum(dim=-1) <= missing)
+            removed = torch.zeros_like(kept).scatter_(1, order, removed_by_cost)
+            kept &= ~removed
+            still_to_remove = still_to_remove - removed.sum(dim=-1, keepdim=True)
+            if not still_to_remove.any():
+                break
+
+        owner = torch.where(kept, positions, similarity_to_kept().max(dim=-1).indices)
+        destination = _destination_from_owner(owner, kept)
+    return _merge_by_destination(destination, num_tokens - r)
+
+
+def ward_matching(
+    metric: torch.Tensor, r: int, size: torch.Tensor | None = None, protect_cls: bool = True, max_rounds: int = 3
+):
+    """Ward's agglomerative clustering of the tokens down to N - r groups, in a few batched rounds.
+
+    Joining groups P and Q (sizes w, centroids c of the unit metric vectors) adds exactly
+    `w_P * w_Q / (w_P + w_Q) * ||c_P - c_Q||^2` to the size-weighted scatter of the merged tokens, so Ward's greedy
+    merge is greedy on the information a merge throws away. Ward's cost is reducible, so all mutual-nearest pairs can
+    merge at once and the merge tree (with its costs) stays that of sequential Ward; costs only grow up the tree, so the
+    r cheapest merges are Ward's cut at N - r groups. Each round merges every mutual pair (the lighter group into the
+    heavier), records parent and cost, and compacts the live groups (about 30% fewer per round). Once r recorded
+    merges cost no more than the cheapest merge still possible, the cut is exact; after `max_rounds` the r cheapest
+    recorded merges are taken as they are.
+    """
+    batch, num_tokens, channels = metric.shape
+    _check_merge_r(r, num_tokens, "ward", protect_cls)
+    if r == 0:
+        return _identity, _identity
+    with torch.no_grad():
+        unit, weight = _unit_vectors_and_weights(metric, size)
+        positions = torch.arange(num_tokens, device=metric.device)
+        parent = positions.expand(batch, -1).clone()  # the token each token merged into (itself: not merged)
+        merge_cost = torch.full_like(weight, math.inf)  # the Ward cost of that merge
+        # The working set: the live groups of each image, compacted every round (padding after them). `head` is the
+        # token that stands for each group; a large `frozen` term keeps the class token and padding out of merges.
+        head, centroid, group_weight = positions.expand(batch, -1), unit, weight
+        frozen = torch.zeros_like(weight)
+        if protect_cls:
+            frozen[:, 0] = 1e9
+        rounds_done = 0
+        while True:
+            num_groups = centroid.shape[1]
+            group_positions = positions[:num_groups]
+            # Ward cost of joining groups i and j: ||c_i - c_j||^2 / (1/w_i + 1/w_j)  [batch, groups, groups]
+            squared_norm = (centroid * centroid).sum(-1) + frozen
+            cost = torch.baddbmm(
+                squared_norm[:, :, None] + squared_norm[:, None, :], centroid, centroid.transpose(-1, -2), alpha=-2
+            )
+            inverse_weight = 1.0 / group_weight
+            cost = cost.div_(inverse_weight[:, :, None] + inverse_weight[:, None, :])
+            cost.diagonal(dim1=-2, dim2=-1).fill_(math.inf)
+            best_cost, nearest = cost.min(dim=-1)
+            second_cost = cost.scatter_(2, nearest[..., None], math.inf).amin(dim=-1)
+            live = frozen == 0
+            mutual = (nearest.gather(1, nearest) == group_positions) & live & (best_cost < 1e8)
+            nearest_weight = group_weight.gather(1, nearest)
+            lighter = (group_weight < nearest_weight) | ((group_weight == nearest_weight) & (group_positions > nearest))
+            joins = mutual & lighter  # one group of each mutual pair joins the other
+            merge_cost.scatter_(1, head, torch.where(joins, best_cost, merge_cost.gather(1, head)))
+            parent.scatter_(1, head, torch.where(joins, head.gather(1, nearest), parent.gather(1, head)))
+            # No later merge can cost less than the cheapest cost left after this round.
+            lower_bound = torch.where(mutual, second_cost, best_cost).masked_fill(~live, math.inf).amin(-1, True)
+            rounds_done += 1
+            if bool(((merge_cost <= lower_bound).sum(-1) >= r).all()):
+                break  # the r cheapest recorded merges are exactly Ward's
+            if rounds_done >= max_rounds and bool((merge_cost.isfinite().sum(-1) >= r).all()):
+                break
+
+            absorbs = mutual & ~joins  # the other group of each pair takes its partner in
+            absorbed_weight = nearest_weight * absorbs
+            partner = centroid.gather(1, nearest[..., None].expand(-1, -1, channels))
+            merged_centroid = (group_weight[..., None] * centroid + absorbed_weight[..., None] * partner) / (
+                group_weight + absorbed_weight
+            )[..., None]
+            centroid = torch.where(absorbs[..., None], merged_centroid, centroid)
+            group_weight = group_weight + absorbed_weight
+            # Compact: live groups first, in their order; padding after.
+            live &= ~joins
+            num_live = live.sum(-1, keepdim=True)
+            new_position = torch.where(live, live.cumsum(-1) - 1, num_live + (~live).cumsum(-1) - 1)
+            num_groups = int(num_live.max())
+            order = torch.empty_like(new_position).scatter_(1, new_position, group_positions.expand(batch, -1))
+            order = order[:, :num_groups]
+            centroid = centroid.gather(1, order[..., None].expand(-1, -1, channels))
+            padding = (~live).float().gather(1, order)
+            group_weight = group_weight.gather(1, order) * (1 - padding) + padding  # padding weighs 1: 1/w stays finite
+            frozen = padding * 1e9
+            head = head.gather(1, order)
+
+        merged = torch.zeros_like(parent, dtype=torch.bool)
+        merged.scatter_(1, merge_cost.topk(r, dim=-1, largest=False).indices, True)
+        owner = torch.where(merged, parent, positions)
+        for _ in range(num_tokens.bit_length()):  # pointer jumping: follow chains of merges to their kept token
+            next_owner = owner.gather(1, owner)
+            if torch.equal(next_owner, owner):
+                break
+            owner = next_owner
+        destination = _destination_from_owner(owner, ~merged)
     return _merge_by_destination(destination, num_tokens - r)
 
 
@@ -175,6 +309,7 @@ def merge_source(unmerge: Callable, source_map: torch.LongTensor, num_tokens_aft
 MATCHING_FUNCTIONS = {
     "bipartite": lambda metric, r, size: bipartite_soft_matching(metric, r),
     "submodular": lambda metric, r, size: submodular_matching(metric, r, size),
+    "ward": lambda metric, r, size: ward_matching(metric, r, size),
 }
 
 
@@ -674,4 +809,5 @@ __all__ = [
     "merge_wavg",
     "resample_position_embeddings",
     "submodular_matching",
+    "ward_matching",
 ]

@@ -15,11 +15,13 @@ from modeling_conformer import (
     merge_source,
     merge_wavg,
     submodular_matching,
+    ward_matching,
 )
 
 MATCHINGS = {
     "bipartite": lambda metric, r, size=None: bipartite_soft_matching(metric, r),
     "submodular": lambda metric, r, size=None: submodular_matching(metric, r, size),
+    "ward": lambda metric, r, size=None: ward_matching(metric, r, size),
 }
 TINY = dict(
     hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8
@@ -99,10 +101,52 @@ def test_submodular_recovers_duplicated_tokens_exactly():
     assert torch.allclose(restored, metric, atol=1e-6)
 
 
+def test_ward_equals_scikit_learns_ward_clustering():
+    """With enough rounds the batched Ward cut is exactly Ward's: the same groups as scikit-learn's
+    AgglomerativeClustering(linkage="ward") of the unit metric vectors (class token apart)."""
+    from sklearn.cluster import AgglomerativeClustering
+
+    torch.manual_seed(3)
+    metric = torch.randn(3, 8, 12)[:, torch.randint(0, 8, (41,))] + 0.4 * torch.randn(3, 41, 12)
+    r = 17
+    _, unmerge = ward_matching(metric, r, max_rounds=100)
+    for image, image_groups in enumerate(groups_of(unmerge, 3, 41, 41 - r)):
+        unit = F.normalize(metric[image, 1:], dim=-1).double().numpy()
+        labels = AgglomerativeClustering(n_clusters=40 - r, linkage="ward").fit_predict(unit)
+        expected = sorted(sorted(1 + i for i in range(40) if labels[i] == label) for label in set(labels))
+        assert sorted(image_groups[1:]) == expected
+
+
+def clustered_tokens(batch=8, num_tokens=197, channels=64, clusters=30, noise=0.5, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(batch, clusters, channels, generator=generator)
+    members = torch.randint(0, clusters, (batch, num_tokens), generator=generator)
+    return centres.gather(1, members[..., None].expand(-1, -1, channels)) + noise * torch.randn(
+        batch, num_tokens, channels, generator=generator
+    )
+
+
+def scatter(metric, matching, r, size=None):
+    """Information a merge throws away: size-weighted scatter of the unit metric vectors around their group means."""
+    unit = F.normalize(metric, dim=-1)
+    size = torch.ones_like(unit[..., :1]) if size is None else size
+    merge, unmerge = matching(metric, r, size)
+    means, _ = merge_wavg(merge, unit, size)
+    return (size * (unit - unmerge(means)).pow(2)).sum(dim=(1, 2)).mean()
+
+
+@pytest.mark.parametrize("r", [13, 48])
+def test_submodular_and_ward_throw_away_less_than_bipartite(r):
+    metric = clustered_tokens()
+    bipartite, submodular, ward = (scatter(metric, MATCHINGS[mode], r) for mode in ("bipartite", "submodular", "ward"))
+    assert submodular <= 0.97 * bipartite
+    assert ward <= submodular
+
+
 @pytest.mark.parametrize("mode", sorted(MATCHINGS))
 def test_r_beyond_what_a_call_can_remove_names_the_token_count(mode):
     metric = torch.randn(1, 17, 4)
-    limit = {"bipartite": 8, "submodular": 15}[mode]
+    limit = {"bipartite": 8, "submodular": 15, "ward": 15}[mode]
     MATCHINGS[mode](metric, limit)  # the limit itself works
     with pytest.raises(ValueError, match="17 tokens"):
         MATCHINGS[mode](metric, limit + 1)
