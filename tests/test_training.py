@@ -1,0 +1,455 @@
+"""run_image_classification.py end to end on tiny models: the recipe's defaults, the data sources and their errors,
+the three ways to get a model, resuming a killed run and a two-process `accelerate launch` on the CPU."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import accuracy_score
+from transformers import Trainer, ViTConfig, ViTForImageClassification
+
+import run_image_classification as script
+from modeling_conformer import ConformerForImageClassification, resample_position_embeddings
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+# A 2-layer, 32-wide Conformer on 16 px images (16 patches), merging on; a handful of steps, on one CPU thread.
+TINY_MODEL = [
+    "--model_type", "ViT-Ti_16", "--image_size", "16", "--patch_size", "4",
+    "--config_overrides", "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64",
+    "--merge_mode", "submodular", "--merge_r", "2",
+]  # fmt: skip
+QUICK = [
+    "--use_cpu", "--cpu_threads", "1", "--report_to", "none", "--disable_tqdm", "True", "--seed", "0",
+    "--optim", "adamw_torch", "--learning_rate", "3e-3", "--warmup_steps", "0",
+    "--per_device_train_batch_size", "16", "--total_batch_size", "16", "--per_device_eval_batch_size", "64",
+    "--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no", "--max_eval_samples", "32",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Whatever the caller's environment, nothing here may wait on the Hub."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+
+
+def run_main(*args) -> int:
+    return script.main([str(arg) for arg in args])
+
+
+def results(output_dir) -> dict:
+    return json.loads((Path(output_dir) / "all_results.json").read_text())
+
+
+def expect_error(capsys, *args) -> str:
+    """Run main expecting exit status 2 and stderr ending in one `error: ...` line, without a traceback."""
+    assert run_main(*args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    last_line = err.strip().splitlines()[-1]  # after the progress bars of `datasets`, if any
+    assert last_line.startswith("error: "), err
+    return last_line
+
+
+def save_png(path, mode, size=(12, 10), seed=0):
+    array = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 4), dtype=np.uint8)
+    image = Image.fromarray(array, "RGBA")
+    image = {"RGBA": image, "RGB": image.convert("RGB"), "L": image.convert("L")}.get(mode) or image.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def image_folder(root, modes=("RGB", "L", "RGBA", "P"), classes=("cat", "dog")):
+    for label in classes:
+        for i, mode in enumerate(modes):
+            save_png(root / label / f"{mode}_{i}.png", mode, seed=i + 7 * len(label))
+    return root
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The recipe's defaults
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_original_recipe_with_an_sgd_momentum_optimizer(tmp_path):
+    _, data_args, args = script.parse_arguments(["--output_dir", str(tmp_path), "--use_cpu"])
+    assert (args.learning_rate, args.weight_decay, args.max_grad_norm) == (3e-2, 0.0, 1.0)
+    assert (args.lr_scheduler_type, args.warmup_steps, args.max_steps) == ("cosine", 500, 10000)
+    assert (args.eval_strategy, args.eval_steps) == ("steps", 100)
+    # 512 images per optimizer step: 64 per micro-batch times 8 accumulation steps on one process.
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (64, 8)
+    assert data_args.dataset_name is None  # digits
+
+    model = ConformerForImageClassification(script.ConformerConfig.from_preset("ViT-Ti_16", num_hidden_layers=1))
+    optimizer = Trainer(model=model, args=args, eval_dataset=[]).create_optimizer()  # what train() would step
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.defaults["momentum"] == 0.9 and optimizer.defaults["lr"] == 3e-2
+    assert all(group["weight_decay"] == 0.0 for group in optimizer.param_groups)
+
+
+def test_explicit_flags_override_the_recipe(tmp_path):
+    _, _, args = script.parse_arguments(
+        ["--output_dir", str(tmp_path), "--use_cpu", "--gradient_accumulation_steps", "3", "--optim", "adamw_torch"]
+    )
+    assert args.gradient_accumulation_steps == 3  # wins over --total_batch_size
+    assert args.optim == "adamw_torch" and args.optim_args is None  # momentum=0.9 belongs to SGD only
+    _, _, args = script.parse_arguments(
+        ["--output_dir", str(tmp_path), "--use_cpu", "--total_batch_size", "96", "--per_device_train_batch_size", "32"]
+    )
+    assert args.gradient_accumulation_steps == 3
+
+
+def test_total_batch_size_that_does_not_divide_is_an_error(tmp_path, capsys):
+    err = expect_error(capsys, "--output_dir", tmp_path, "--use_cpu", "--total_batch_size", "100")
+    assert "--total_batch_size 100" in err
+
+
+def test_missing_output_dir_is_an_error(capsys):
+    assert "--output_dir is required" in expect_error(capsys, "--max_steps", "1")
+
+
+def test_accuracy_matches_evaluates_definition_without_a_download():
+    rng = np.random.default_rng(0)
+    predictions, references = rng.integers(0, 5, 200), rng.integers(0, 5, 200)
+    metric = script.load_accuracy()  # offline: the local computation, no download attempted
+    assert metric(predictions, references) == {"accuracy": accuracy_score(references, predictions)}
+
+
+def test_config_overrides_parse_python_literals_and_reject_unknown_fields():
+    overrides = script.parse_config_overrides("hidden_size=96, merge_r=[4,4,2], classifier=gap, qkv_bias=false")
+    assert overrides == {"hidden_size": 96, "merge_r": [4, 4, 2], "classifier": "gap", "qkv_bias": False}
+    with pytest.raises(script.ScriptError, match="not a ConformerConfig field"):
+        script.parse_config_overrides("hidden=96")
+    assert script.parse_merge_r("8,8,4") == [8, 8, 4] and script.parse_merge_r("8") == 8
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_digits_are_rgb_images_with_a_fixed_stratified_split():
+    first, second = script.load_digits_dataset(), script.load_digits_dataset()
+    assert (len(first["train"]), len(first["validation"])) == (1437, 360)
+    assert first["train"].features["label"].names == [str(d) for d in range(10)]
+    assert first["validation"]["label"] == second["validation"]["label"]  # every process builds the same split
+    image = first["train"][0]["image"]
+    assert image.mode == "RGB" and image.size == (8, 8)
+    assert np.bincount(first["validation"]["label"]).min() >= 35  # stratified: every digit is evaluated
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "LA", "I;16", "CMYK"])
+def test_any_image_mode_is_decoded_as_rgb(tmp_path, mode):
+    suffix = ".jpg" if mode == "CMYK" else ".png"
+    path = save_png(tmp_path / f"image{suffix}", mode)
+    image = script.decode_image({"path": str(path), "bytes": None})
+    assert image.mode == "RGB" and image.size == (12, 10)
+    assert script.decode_image({"path": None, "bytes": path.read_bytes()}).mode == "RGB"
+
+
+def test_unknown_dataset_name_is_one_line(tmp_path, capsys):
+    err = expect_error(capsys, "--dataset_name", "no_such_dataset_xyz", "--output_dir", tmp_path, *QUICK)
+    assert "cannot load dataset 'no_such_dataset_xyz'" in err
+
+
+def test_missing_label_column_names_the_columns(tmp_path, capsys):
+    err = expect_error(capsys, "--label_column_name", "fine_label", "--output_dir", tmp_path, *TINY_MODEL, *QUICK)
+    assert "'fine_label' is not a column" in err and "image, label" in err
+
+
+def test_empty_image_folder_is_an_error(tmp_path, capsys):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("no images here")
+    err = expect_error(capsys, "--train_dir", tmp_path / "train", "--output_dir", tmp_path / "out", *QUICK)
+    assert "holds no images" in err
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_image_file_is_named(tmp_path, capsys, workers):
+    train = image_folder(tmp_path / "train", modes=("RGB", "L"))
+    (train / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    err = expect_error(
+        capsys, "--train_dir", train, "--output_dir", tmp_path / "out", "--cache_dir", tmp_path / "cache",
+        *TINY_MODEL, *QUICK, "--train_val_split", "0", "--do_eval", "False", "--per_device_train_batch_size", "8",
+        "--total_batch_size", "8", "--dataloader_num_workers", workers,
+    )  # fmt: skip
+    assert "cannot read image" in err and "broken.png" in err
+
+
+def test_image_folders_of_mixed_modes_train_and_evaluate(tmp_path):
+    train = image_folder(tmp_path / "train")
+    validation = image_folder(tmp_path / "validation", modes=("L", "RGBA"))
+    output = tmp_path / "out"
+    folders = ["--train_dir", train, "--validation_dir", validation, "--cache_dir", tmp_path / "cache"]
+    assert run_main(*folders, "--output_dir", output, *TINY_MODEL, *QUICK) == 0
+    assert results(output)["eval_samples"] == 4 and results(output)["train_samples"] == 8
+    config = json.loads((output / "config.json").read_text())
+    assert config["id2label"] == {"0": "cat", "1": "dog"}
+
+
+def test_hub_style_dataset_with_cifar10_features(tmp_path):
+    """A stand-in for `cifar10` from the Hub: the same features (`img`, `label`) and splits (`train`, `test`)."""
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    rng = np.random.default_rng(0)
+
+    def split(count):
+        images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(count)]
+        return datasets.Dataset.from_dict({"img": images, "label": [i % 10 for i in range(count)]}, features=features)
+
+    datasets.DatasetDict(train=split(40), test=split(20)).save_to_disk(tmp_path / "cifar10")
+    output = tmp_path / "out"
+    assert run_main("--dataset_name", tmp_path / "cifar10", "--output_dir", output, *TINY_MODEL, *QUICK) == 0
+    assert results(output)["eval_samples"] == 20  # the `test` split is the evaluation set
+    assert json.loads((output / "config.json").read_text())["id2label"]["9"] == "truck"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Models: from scratch, from a transformers ViT, from a Google npz
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_digits_end_to_end_learns_and_saves_a_loadable_model(tmp_path):
+    output = tmp_path / "run"
+    model = ["--model_type", "ViT-Ti_16", "--image_size", "16", "--patch_size", "4", "--merge_mode", "submodular"]
+    model += ["--config_overrides", "hidden_size=64,num_hidden_layers=4,num_attention_heads=4,intermediate_size=128"]
+    args = [*model, "--merge_r", "2", *QUICK, "--max_steps", "200", "--warmup_steps", "20", "--max_eval_samples", "360"]
+    args += ["--per_device_train_batch_size", "32", "--total_batch_size", "32", "--eval_strategy", "steps"]
+    args += ["--eval_steps", "100", "--report_to", "tensorboard", "--logging_steps", "25"]
+    assert run_main("--output_dir", output, *args) == 0
+
+    metrics = results(output)
+    assert metrics["eval_accuracy"] > 0.5  # ten classes: chance is 0.1 (0.71 measured)
+    assert (output / "training_curves.png").stat().st_size > 0
+    assert list(output.glob("runs/*/events.out.tfevents.*"))
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "modeling_conformer.py"):
+        assert (output / name).is_file(), name
+    processor = json.loads((output / "preprocessor_config.json").read_text())
+    assert processor["image_mean"] == processor["image_std"] == [0.5, 0.5, 0.5]
+    assert processor["size"] == {"height": 16, "width": 16}
+
+    # A fresh process, elsewhere: only the folder's own remote code can build the model, and pipeline() reads it.
+    check = (
+        "import sys, numpy as np; from PIL import Image; "
+        "from transformers import AutoModelForImageClassification, pipeline; "
+        "m = AutoModelForImageClassification.from_pretrained(sys.argv[1], trust_remote_code=True); "
+        "assert m.config.merge_mode == 'submodular' and m.config.merge_r == 2, m.config; "
+        "assert type(m).__module__.startswith('transformers_modules'), type(m).__module__; "
+        "p = pipeline('image-classification', model=sys.argv[1], trust_remote_code=True); "
+        "print(p(Image.fromarray(np.zeros((8, 8, 3), np.uint8)))[0]['label'])"
+    )
+    env = {key: value for key, value in OFFLINE_ENV.items() if key != "PYTHONPATH"}
+    done = subprocess.run(
+        [PYTHON, "-c", check, str(output)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] in [str(d) for d in range(10)]
+
+
+@pytest.fixture
+def vit_folder(tmp_path):
+    config = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16, patch_size=4
+    )
+    config.num_labels = 3
+    torch.manual_seed(0)
+    ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    return tmp_path / "vit"
+
+
+def test_transformers_vit_gets_merging_a_new_head_and_resampled_positions(vit_folder):
+    model_args = script.ModelArguments(
+        model_name_or_path=str(vit_folder), image_size=32, merge_mode="bipartite", merge_r="4",
+        ignore_mismatched_sizes=True,
+    )  # fmt: skip
+    model = script.build_model(model_args, labels=[str(d) for d in range(10)])
+    vit = ViTForImageClassification.from_pretrained(vit_folder)
+
+    assert (model.config.image_size, model.config.num_labels, model.config.merge_mode) == (32, 10, "bipartite")
+    expected = resample_position_embeddings(vit.vit.embeddings.position_embeddings, (8, 8), mode="bilinear")
+    torch.testing.assert_close(model.conformer.embeddings.position_embeddings, expected)
+    torch.testing.assert_close(
+        model.conformer.layers[1].attention.q_proj.weight, vit.vit.layers[1].attention.q_proj.weight
+    )
+    assert not model.classifier.weight.any() and not model.classifier.bias.any()  # the paper's zero-initialised head
+
+
+def test_transformers_vit_folder_trains_end_to_end(vit_folder, tmp_path, capsys):
+    output = tmp_path / "out"
+    common = ["--model_name_or_path", vit_folder, "--output_dir", output, *QUICK]
+    assert "--ignore_mismatched_sizes" in expect_error(capsys, *common)  # 3 labels in the ViT, 10 digits
+    assert run_main(*common, "--ignore_mismatched_sizes", "--merge_mode", "bipartite", "--merge_r", "2") == 0
+    config = json.loads((output / "config.json").read_text())
+    assert (config["model_type"], len(config["id2label"]), config["merge_mode"]) == ("conformer", 10, "bipartite")
+
+
+def synthetic_google_npz(path, width=32, depth=2, heads=2, mlp=64, patch=4, grid=4, classes=5):
+    """Random weights under the keys of google-research/vision_transformer's ViT checkpoints."""
+    rng = np.random.default_rng(0)
+
+    def rand(*shape):
+        return (0.1 * rng.standard_normal(shape)).astype(np.float32)
+
+    params = {
+        "embedding/kernel": rand(patch, patch, 3, width),
+        "embedding/bias": rand(width),
+        "cls": rand(1, 1, width),
+        "Transformer/posembed_input/pos_embedding": rand(1, 1 + grid * grid, width),
+        "Transformer/encoder_norm/scale": 1 + rand(width),
+        "Transformer/encoder_norm/bias": rand(width),
+        "head/kernel": rand(width, classes),
+        "head/bias": rand(classes),
+    }
+    for layer in range(depth):
+        block = f"Transformer/encoderblock_{layer}/"
+        attention = block + "MultiHeadDotProductAttention_1/"
+        for name in ("query", "key", "value"):
+            params[f"{attention}{name}/kernel"] = rand(width, heads, width // heads)
+            params[f"{attention}{name}/bias"] = rand(heads, width // heads)
+        params[attention + "out/kernel"], params[attention + "out/bias"] = (
+            rand(heads, width // heads, width),
+            rand(width),
+        )
+        for norm in ("LayerNorm_0", "LayerNorm_2"):
+            params[f"{block}{norm}/scale"], params[f"{block}{norm}/bias"] = 1 + rand(width), rand(width)
+        params[block + "MlpBlock_3/Dense_0/kernel"], params[block + "MlpBlock_3/Dense_0/bias"] = (
+            rand(width, mlp),
+            rand(mlp),
+        )
+        params[block + "MlpBlock_3/Dense_1/kernel"], params[block + "MlpBlock_3/Dense_1/bias"] = (
+            rand(mlp, width),
+            rand(width),
+        )
+    np.savez(path, **params)
+    return path
+
+
+def test_npz_checkpoint_is_converted_on_the_fly(tmp_path):
+    try:
+        from convert_npz_to_hf import convert_checkpoint
+    except ImportError:
+        pytest.skip("convert_npz_to_hf is not importable")
+    npz = synthetic_google_npz(tmp_path / "ViT-tiny.npz")
+    output = tmp_path / "out"
+    args = ["--npz_path", npz, "--image_size", "24", "--ignore_mismatched_sizes", "--merge_mode", "submodular"]
+    assert run_main(*args, "--merge_r", "3", "--output_dir", output, *QUICK) == 0
+    assert "eval_accuracy" in results(output)
+
+    model = script.build_model(
+        script.ModelArguments(npz_path=str(npz), image_size=24, ignore_mismatched_sizes=True), labels=list("abcdefghij")
+    )
+    reference = convert_checkpoint(str(npz), image_size=24)
+    torch.testing.assert_close(
+        model.conformer.embeddings.position_embeddings, reference.conformer.embeddings.position_embeddings
+    )
+    torch.testing.assert_close(model.conformer.layers[0].mlp.fc1.weight, reference.conformer.layers[0].mlp.fc1.weight)
+    assert model.config.num_labels == 10 and not model.classifier.weight.any()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reliability: resume after a kill, two processes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_last_complete_checkpoint_skips_one_killed_while_saving(tmp_path):
+    for step, complete in ((5, True), (10, True), (15, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert script.last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+
+
+def test_killed_run_resumes_from_its_last_checkpoint_and_ends_at_the_same_step(tmp_path):
+    output = tmp_path / "run"
+    total_steps = 150
+    args = ["--output_dir", output, *TINY_MODEL, *QUICK, "--max_steps", total_steps, "--save_strategy", "steps"]
+    args += [
+        "--save_steps",
+        "5",
+        "--save_total_limit",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--total_batch_size",
+        "4",
+    ]
+    args = [str(arg) for arg in args]
+    run = subprocess.Popen(
+        [PYTHON, str(REPO / "run_image_classification.py"), *args],
+        env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    try:
+        while script.last_complete_checkpoint(output) is None and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    assert run.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (output / "all_results.json").exists()
+    killed_at = int(script.last_complete_checkpoint(output).rsplit("-", 1)[1])
+    assert killed_at < total_steps
+
+    assert script.main([*args, "--resume_from_checkpoint", "last"]) == 0
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["global_step"] == total_steps
+    assert (output / f"checkpoint-{total_steps}").is_dir()
+
+
+def test_resume_from_a_missing_checkpoint_is_an_error(tmp_path, capsys):
+    err = expect_error(capsys, "--output_dir", tmp_path, "--resume_from_checkpoint", "last", *TINY_MODEL, *QUICK)
+    assert "no checkpoint" in err
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_cpu_processes_with_accelerate_launch(tmp_path):
+    """Each process sees half of every step's examples: 64 examples, 8 per process and step, 2 processes: 4 steps
+    (one process would take 8)."""
+    output = tmp_path / "ddp"
+    accelerate = [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    accelerate += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    accelerate += ["--main_process_port", str(free_port())]
+    args = ["--output_dir", output, *TINY_MODEL, *QUICK, "--use_cpu", "--ddp_backend", "gloo"]
+    args += ["--max_train_samples", "64", "--max_steps", "-1", "--num_train_epochs", "1"]
+    args += ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1"]
+    env = {**OFFLINE_ENV, "HF_HOME": str(tmp_path / "hf_home")}  # no stray default accelerate config
+    done = subprocess.run(
+        [*accelerate, str(REPO / "run_image_classification.py"), *map(str, args)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=420,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Process 1 of 2" in done.stdout + done.stderr
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 4
+    assert "eval_accuracy" in results(output)
+
+
+@pytest.mark.parametrize("name", sorted(path.name for path in (REPO / "accelerate_configs").glob("*.yaml")))
+def test_accelerate_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "accelerate_configs" / name))
+    assert config.compute_environment.value == "LOCAL_MACHINE"
+    if config.deepspeed_config:
+        ds_file = REPO / config.deepspeed_config["deepspeed_config_file"]
+        assert json.loads(ds_file.read_text())["zero_allow_untested_optimizer"] is True  # SGD under ZeRO
