@@ -87,8 +87,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protect_cls: bool = Tr
 
     Tokens alternate into set A (even positions, so the class token is in A) and set B (odd positions). Each A token
     keeps its most similar B token (cosine similarity of `metric` [batch, tokens, channels]); the r A tokens with the
-    most similar partners merge into them (several may land on one B token). The output order is ToMe's: the kept A
-    tokens in input order, then all B tokens, so later layers split the same way as ToMe does.
+    most similar partners merge into them (several may land on one B token). The output is the kept A tokens in input
+    order, then all B tokens: ToMe's order with a protected class token, so later layers split as ToMe's do.
     """
     batch, num_tokens, _ = metric.shape
     _check_merge_r(r, num_tokens, "bipartite", protect_cls)
@@ -545,8 +545,7 @@ class ConformerLayer(GradientCheckpointingLayer):
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = ConformerMLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.merge_mode = config.merge_mode
-        self.proportional_attention = config.proportional_attention
+        self.config = config  # merge_mode and proportional_attention are read at call time, so they can be switched
 
     def forward(
         self,
@@ -557,7 +556,7 @@ class ConformerLayer(GradientCheckpointingLayer):
         **kwargs,
     ):
         attention_bias = None
-        if self.proportional_attention and token_sizes is not None:
+        if self.config.proportional_attention and token_sizes is not None:
             # A key standing for s patches weighs as s copies of itself: add log(s) to its logits.
             attention_bias = token_sizes.log().to(hidden_states.dtype)[:, None, None, :, 0]  # [batch, 1, 1, keys]
 
@@ -566,7 +565,7 @@ class ConformerLayer(GradientCheckpointingLayer):
         hidden_states = residual + self.dropout(attn_output)
 
         if merge_r > 0:
-            merge, unmerge = MATCHING_FUNCTIONS[self.merge_mode](metric, merge_r, token_sizes)
+            merge, unmerge = MATCHING_FUNCTIONS[self.config.merge_mode](metric, merge_r, token_sizes)
             hidden_states, token_sizes = merge_wavg(merge, hidden_states, token_sizes)
             if source_map is not None:
                 source_map = merge_source(unmerge, source_map, hidden_states.shape[1])

@@ -251,3 +251,12 @@ def test_gap_classifier_is_a_size_weighted_mean():
         sizes = base.token_sizes[:, 1:, None]
         expected = model.classifier((base.last_hidden_state[:, 1:] * sizes).sum(1) / sizes.sum(1))
         assert torch.allclose(model(pixels).logits, expected, atol=1e-6)
+
+
+def test_merging_can_be_switched_on_a_loaded_model():
+    """merge_mode and merge_r are read from the config at call time, as after `from_pretrained(...)` of a plain ViT."""
+    model = ConformerForImageClassification(ConformerConfig(**TINY)).eval()
+    pixels = torch.randn(1, 3, 32, 32)
+    assert model(pixels, output_merge_info=True).token_sizes.shape == (1, 17)
+    model.config.merge_mode, model.config.merge_r = "submodular", 4
+    assert model(pixels, output_merge_info=True).token_sizes.shape == (1, 5)
