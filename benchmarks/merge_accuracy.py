@@ -15,7 +15,6 @@ settings match) and `merge_quality.py` reads its keys as real features.
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -27,54 +26,28 @@ from common import (
     REFERENCE_MODE,
     RESULTS_DIR,
     ROOT,
+    add_digits_model_arguments,
+    base_config,
+    check_digits_model_arguments,
     environment_line,
     load_digits_split,
     markdown_table,
     merge_schedule,
     parse_int_list,
+    predict,
     seed_everything,
+    train,
     write_results,
 )
 
-from configuration_conformer import ConformerConfig
 from modeling_conformer import ConformerForImageClassification
 
 DEFAULT_MODEL_DIR = ROOT / "runs" / "digits_conformer"
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Data
+# Merging, evaluation
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Translate each image by up to `max_shift` pixels, filling with the background value (-1)."""
-    if max_shift == 0:
-        return images
-    size = images.shape[-1]
-    padded = F.pad(images, [max_shift] * 4, value=-1.0)
-    offsets = torch.randint(0, 2 * max_shift + 1, (images.shape[0], 2), generator=generator)
-    return torch.stack([padded[i, :, dy : dy + size, dx : dx + size] for i, (dy, dx) in enumerate(offsets.tolist())])
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Model, training, evaluation
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def base_config(args) -> ConformerConfig:
-    return ConformerConfig(
-        hidden_size=args.hidden_size,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        intermediate_size=4 * args.hidden_size,
-        image_size=args.image_size,
-        patch_size=args.patch_size,
-        num_labels=10,
-        id2label={i: str(i) for i in range(10)},
-        label2id={str(i): i for i in range(10)},
-        merge_mode="none",
-    )
 
 
 def with_merging(model: ConformerForImageClassification, mode: str, schedule: list[int]):
@@ -85,52 +58,6 @@ def with_merging(model: ConformerForImageClassification, mode: str, schedule: li
     merged = ConformerForImageClassification(config)
     merged.load_state_dict(model.state_dict())
     return merged.eval()
-
-
-def train(model, images, labels, epochs: int, lr: float, args, seed: int):
-    """AdamW with linear warm-up (first 5% of steps) and cosine decay; random shifts as the only augmentation."""
-    model.train()
-    generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(len(labels) / args.batch_size)
-    total_steps, warmup_steps = epochs * steps_per_epoch, max(1, epochs * steps_per_epoch // 20)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: (
-            min(1.0, (step + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total_steps))))
-        ),
-    )
-    for epoch in range(epochs):
-        order = torch.randperm(len(labels), generator=generator)
-        total_loss = 0.0
-        for start in range(0, len(labels), args.batch_size):
-            batch = order[start : start + args.batch_size]
-            pixel_values = random_shift(images[batch], args.max_shift, generator)
-            loss = model(pixel_values, labels=labels[batch]).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total_loss += loss.item() * len(batch)
-        if epochs <= 10 or (epoch + 1) % max(1, epochs // 5) == 0 or epoch + 1 == epochs:
-            print(f"    epoch {epoch + 1}/{epochs}: loss {total_loss / len(labels):.4f}", flush=True)
-    return model.eval()
-
-
-@torch.inference_mode()
-def predict(model, images, batch_size: int = 256):
-    """Logits and the pooled feature the classifier reads (the final class token for `classifier="token"`)."""
-    model.eval()
-    all_logits, all_features = [], []
-    for start in range(0, len(images), batch_size):
-        pixel_values = images[start : start + batch_size]
-        outputs = model.conformer(pixel_values)
-        features = model.pool(outputs, pixel_values)
-        if model.pre_logits is not None:
-            features = model.pre_logits(features)
-        all_logits.append(model.classifier(features))
-        all_features.append(features)
-    return torch.cat(all_logits), torch.cat(all_features)
 
 
 def compare(logits, features, labels, reference_logits, reference_features) -> dict:
@@ -246,16 +173,7 @@ def plot(off_the_shelf: list[dict], fine_tuned: list[dict], path):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image_size", type=int, default=32, help="digits are upsampled from 8x8 to this size")
-    parser.add_argument("--patch_size", type=int, default=4, help="patch size (32/4: 64 patches + class token)")
-    parser.add_argument("--hidden_size", type=int, default=64, help="model width (MLP: 4x)")
-    parser.add_argument("--layers", type=int, default=4, help="transformer layers")
-    parser.add_argument("--heads", type=int, default=4, help="attention heads")
-    parser.add_argument("--epochs", type=int, default=30, help="epochs to train the base model (no merging)")
-    parser.add_argument("--batch_size", type=int, default=32, help="training batch size")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the base training")
-    parser.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay")
-    parser.add_argument("--max_shift", type=int, default=2, help="random translation in pixels during training")
+    add_digits_model_arguments(parser, epochs=30, epochs_help="epochs to train the base model (no merging)")
     parser.add_argument(
         "--r_values",
         type=parse_int_list,
@@ -272,11 +190,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: leave torch's default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the batches and the shifts")
     args = parser.parse_args(argv)
-    for flag in ("image_size", "patch_size", "hidden_size", "layers", "heads", "batch_size"):
-        if getattr(args, flag) <= 0:
-            parser.error(f"--{flag} must be positive, got {getattr(args, flag)}")
-    if args.image_size % args.patch_size or args.hidden_size % args.heads:
-        parser.error("--image_size must be a multiple of --patch_size, and --hidden_size of --heads")
+    check_digits_model_arguments(parser, args)
     if args.epochs < 0 or args.finetune_epochs < 0 or args.threads < 0 or args.max_shift < 0:
         parser.error("--epochs, --finetune_epochs, --threads and --max_shift must not be negative")
     if any(r <= 0 for r in args.r_values + args.finetune_r):

@@ -10,21 +10,20 @@ load hits them alike; the median over repeats is reported. Writes `results/throu
 
 import argparse
 import os
-import platform
-import resource
-import statistics
 import sys
-import time
 
 import torch
 from common import (
     MODES,
     RESULTS_DIR,
     environment_line,
+    keep_freed_memory,
+    measure,
     merge_schedule,
     parse_int_list,
     parse_modes,
     seed_everything,
+    synchronize,
     write_results,
 )
 
@@ -155,75 +154,8 @@ def build_models(args, config: ConformerConfig) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Timing
+# Profile
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def keep_freed_memory() -> str:
-    """Ask glibc's allocator to keep freed memory in the process (`mallopt`, as the MALLOC_MMAP_THRESHOLD_ and
-    MALLOC_TRIM_THRESHOLD_ variables would at start-up). By default it hands large freed blocks back to the system
-    and page-faults them in again on the next allocation, and how often depends on the sequence of tensor sizes: in
-    our measurements it cost the unmerged models about 9% and the merged ones nothing, which inflates speed-ups.
-    Returns what was done, for the results file."""
-    import ctypes
-    import ctypes.util
-
-    if platform.system() != "Linux" or not ctypes.util.find_library("c"):
-        return "Allocator: left as it is (not glibc)"
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    if not hasattr(libc, "mallopt"):
-        return "Allocator: left as it is (no mallopt)"
-    done = libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024) and libc.mallopt(m_trim_threshold, 2**31 - 1)
-    if not done:
-        return "Allocator: mallopt refused, left as it is"
-    return "Allocator: glibc keeps freed memory (mmap threshold 32 MiB, trim threshold 2 GiB)"
-
-
-def synchronize(device: str):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def minor_page_faults() -> int:
-    """Pages this process has faulted in so far (memory the allocator got fresh from the system)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def time_forward(module, pixel_values, iters: int, device: str) -> tuple[float, int]:
-    """Seconds for `iters` forward passes, and the minor page faults they caused."""
-    synchronize(device)
-    faults = minor_page_faults()
-    start = time.perf_counter()
-    for _ in range(iters):
-        module(pixel_values)
-    synchronize(device)
-    return time.perf_counter() - start, minor_page_faults() - faults
-
-
-def measure(entries: list[dict], pixel_values, args):
-    """Warm every model up, then time them round-robin; store images/s (median) and the spread over repeats."""
-    with torch.inference_mode():
-        for entry in entries:
-            for _ in range(args.warmup):
-                entry["module"](pixel_values)
-        synchronize(args.device)
-        samples = {id(entry): [] for entry in entries}
-        faults = {id(entry): 0 for entry in entries}
-        for repeat in range(args.repeats):
-            # Rotate the start so that no model always runs right after the same neighbour.
-            order = entries[repeat % len(entries) :] + entries[: repeat % len(entries)]
-            for entry in order:
-                seconds, page_faults = time_forward(entry["module"], pixel_values, args.iters, args.device)
-                samples[id(entry)].append(args.batch_size * args.iters / seconds)
-                faults[id(entry)] += page_faults
-            print(f"  repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
-    for entry in entries:
-        values = sorted(samples[id(entry)])
-        entry["images_per_s"] = statistics.median(values)
-        quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-        entry["spread_pct"] = 100 * (quartiles[2] - quartiles[0]) / entry["images_per_s"]
-        entry["page_faults"] = faults[id(entry)] / (args.repeats * args.iters)
 
 
 def profile_merges(entries: list[dict], pixel_values, args) -> str:
