@@ -24,6 +24,7 @@ from common import (
     MODES,
     RESULTS_DIR,
     add_digits_model_arguments,
+    append_notes,
     base_config,
     check_digits_model_arguments,
     environment_line,
@@ -352,9 +353,7 @@ def main(argv=None):
         [("By head", summary, summary_columns, digits), ("Each model", runs, details_columns, details_digits)],
     )
     lines = comparison_lines(summary, args, len(test_labels))
-    if lines:
-        with open(RESULTS_DIR / f"{args.name}.md", "a") as handle:
-            handle.write("\n".join(["", "## Against the class token", ""] + [f"- {line}" for line in lines]) + "\n")
+    append_notes(args.name, "Against the class token", lines)
     print(text)
     print("\n".join(lines))
     plot(summary, args, RESULTS_DIR / f"{args.name}.png")

@@ -138,6 +138,13 @@ def write_results(name: str, title: str, settings: str, sections: list[tuple[str
     return text
 
 
+def append_notes(name: str, heading: str, lines: list[str]):
+    """Append a `## heading` section of bullet lines to `results/{name}.md` (nothing when there are no lines)."""
+    if lines:
+        with open(RESULTS_DIR / f"{name}.md", "a") as handle:
+            handle.write("\n".join(["", f"## {heading}", ""] + [f"- {line}" for line in lines]) + "\n")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The digits model (merge_accuracy.py, classifier_heads.py)
 # --------------------------------------------------------------------------------------------------------------------

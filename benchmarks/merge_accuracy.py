@@ -27,6 +27,7 @@ from common import (
     RESULTS_DIR,
     ROOT,
     add_digits_model_arguments,
+    append_notes,
     base_config,
     check_digits_model_arguments,
     environment_line,
@@ -261,8 +262,7 @@ def main(argv=None):
     text = write_results("merge_accuracy", "Accuracy kept by merging (digits)", settings, sections)
     lines = keeps_as_much_lines(off_the_shelf, "off the shelf", len(test_labels))
     lines += keeps_as_much_lines(fine_tuned, "fine-tuned", len(test_labels))
-    with open(RESULTS_DIR / "merge_accuracy.md", "a") as handle:
-        handle.write("\n".join(["", "## Against bipartite at equal r", ""] + [f"- {line}" for line in lines]) + "\n")
+    append_notes("merge_accuracy", "Against bipartite at equal r", lines)
     print(text)
     print("\n".join(lines))
     plot(off_the_shelf, fine_tuned, RESULTS_DIR / "merge_accuracy.png")

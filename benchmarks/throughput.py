@@ -16,6 +16,7 @@ import torch
 from common import (
     MODES,
     RESULTS_DIR,
+    append_notes,
     environment_line,
     keep_freed_memory,
     measure,
@@ -339,9 +340,7 @@ def main(argv=None):
     digits = {"images/s": 1, "spread %": 0, "speed-up": 2, "FLOP ratio": 2, "of limit": 2, "page faults/pass": 0}
     text = write_results(name, "Throughput", settings, [("", rows, columns, digits)])
     lines = bar_lines(rows, args)
-    if lines:
-        with open(RESULTS_DIR / f"{name}.md", "a") as handle:
-            handle.write("\n".join(["", "## Bars (issue 6)", ""] + [f"- {line}" for line in lines]) + "\n")
+    append_notes(name, "Bars (issue 6)", lines)
     print(text)
     print("\n".join(lines))
     plot(rows, args, RESULTS_DIR / f"{name}.png")
