@@ -73,6 +73,19 @@ def max_merge_r(num_tokens: int, mode: str, protect_cls: bool = True) -> int:
     return 0
 
 
+def merge_schedule(merge_r, num_tokens: int, num_layers: int, modes=("bipartite",)) -> list[int]:
+    """Tokens removed per layer: `merge_r` (one int for every layer, or one per layer) lowered wherever a layer has too
+    few tokens left for every mode in `modes` (ToMe's rule). Comparing the result with the request tells whether a
+    schedule fits; the token counts layer by layer are `num_tokens` minus its running sum."""
+    requested = list(merge_r) if isinstance(merge_r, (list, tuple)) else [merge_r] * num_layers
+    schedule = []
+    for r in requested:
+        limit = min((max_merge_r(num_tokens, mode) for mode in modes), default=0)
+        schedule.append(max(0, min(r, limit)))
+        num_tokens -= schedule[-1]
+    return schedule
+
+
 def _check_merge_r(r: int, num_tokens: int, mode: str, protect_cls: bool):
     limit = max_merge_r(num_tokens, mode, protect_cls)
     if not 0 <= r <= limit:
@@ -341,6 +354,59 @@ def resample_position_embeddings(
     return torch.cat([prefix, grid], dim=1)
 
 
+HEAD_PREFIXES = ("classifier.", "pre_logits.", "cnn_head.")
+
+
+def adapt_state_dict(state_dict: dict, model: nn.Module, mode: str = "bilinear") -> dict:
+    """Fit weights from elsewhere (already under our key names) to `model`, as timm's `checkpoint_filter_fn` does.
+
+    The position embeddings are resampled to the model's grid (`mode` as in `resample_position_embeddings`). When the
+    head does not fit (other labels, another classifier, no head), the model's own head is kept with a zero
+    classifier, the ViT paper's transfer recipe, so fine-tuning starts from uniform predictions. The result is a
+    complete state dict for `model.load_state_dict(..., strict=True)`. Anything else that does not fit (another
+    width, depth or patch size) raises `ValueError` naming the weights.
+    """
+    target = model.state_dict()
+    adapted = {}
+    for key, value in state_dict.items():
+        if key.endswith("embeddings.position_embeddings") and key in target and value.shape != target[key].shape:
+            grid = model.config.image_size // model.config.patch_size
+            value = resample_position_embeddings(value, (grid, grid), mode=mode)
+        adapted[key] = value
+
+    def is_head(key):
+        return key.startswith(HEAD_PREFIXES)
+
+    head_fits = all(
+        key in target and target[key].shape == value.shape for key, value in adapted.items() if is_head(key)
+    ) and all(key in adapted for key in target if is_head(key))
+    if not head_fits:
+        adapted = {key: value for key, value in adapted.items() if not is_head(key)}
+        for key, value in target.items():
+            if is_head(key):
+                fresh = key.startswith("classifier.") and value.is_floating_point()
+                adapted[key] = torch.zeros_like(value) if fresh else value
+
+    missing = [key for key in target if key not in adapted]
+    unexpected = [key for key in adapted if key not in target]
+    mismatched = [
+        f"{key} {tuple(adapted[key].shape)} -> {tuple(target[key].shape)}"
+        for key in target
+        if key in adapted and adapted[key].shape != target[key].shape
+    ]
+    if missing or unexpected or mismatched:
+        problems = [
+            f"{label}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("other shape", mismatched))
+            if keys
+        ]
+        raise ValueError(
+            f"The weights do not fit the model ({'; '.join(problems)}): a pretrained model keeps its width, depth and "
+            "patch size; only the image size, the head and the merging settings can change."
+        )
+    return adapted
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Outputs
 # --------------------------------------------------------------------------------------------------------------------
@@ -602,15 +668,15 @@ class ConformerPreTrainedModel(PreTrainedModel):
 def check_merge_schedule(config: ConformerConfig, num_patches: int | None = None):
     """Raise `ValueError` if some layer's r exceeds what its merge mode can remove from the tokens left there."""
     num_tokens = 1 + (config.num_patches if num_patches is None else num_patches)
-    for layer, r in enumerate(config.merge_r_per_layer):
-        limit = max_merge_r(num_tokens, config.merge_mode)
+    requested = config.merge_r_per_layer
+    fitted = merge_schedule(requested, num_tokens, config.num_hidden_layers, modes=(config.merge_mode,))
+    for layer, (r, limit) in enumerate(zip(requested, fitted)):
         if r > limit:
             raise ValueError(
                 f"`merge_r` asks layer {layer} to remove {r} tokens, but {config.merge_mode} matching can remove at "
-                f"most {limit} of the {num_tokens} tokens left there at image_size={config.image_size}; "
-                "lower `merge_r`."
+                f"most {limit} of the {num_tokens - sum(fitted[:layer])} tokens left there at "
+                f"image_size={config.image_size}; lower `merge_r`."
             )
-        num_tokens -= r
 
 
 @auto_docstring
@@ -752,20 +818,29 @@ class ConformerForImageClassification(ConformerPreTrainedModel):
 
     @classmethod
     def from_vit(cls, model_or_path, attn_implementation: str | None = None, **config_overrides):
-        """A Conformer with the weights of a transformers `ViTForImageClassification` (an object, a local folder or a
-        Hub id), so that any ViT gets token merging: `from_vit("google/vit-base-patch16-224", merge_mode="bipartite",
-        merge_r=16)`. With merging off, its logits equal the ViT's."""
-        from transformers import ViTForImageClassification
+        """A Conformer with the weights of a transformers `ViTForImageClassification` or `ViTModel` (an object, a
+        local folder or a Hub id), so that any ViT gets token merging: `from_vit("google/vit-base-patch16-224",
+        merge_mode="bipartite", merge_r=16)`. With merging off, its logits equal the ViT's. `image_size` resamples
+        the position embeddings (bilinear, as timm's loader); another `num_labels` or `classifier` gets a new head
+        with a zero classifier."""
+        from transformers import AutoConfig, ViTForImageClassification, ViTModel
 
-        if isinstance(model_or_path, ViTForImageClassification):
+        if isinstance(model_or_path, nn.Module):
             vit = model_or_path
-        elif isinstance(model_or_path, nn.Module):
-            raise TypeError(f"from_vit expects a ViTForImageClassification, got {type(model_or_path).__name__}.")
+            if not isinstance(vit, (ViTForImageClassification, ViTModel)):
+                raise TypeError(
+                    f"from_vit expects a transformers ViTForImageClassification or ViTModel, got "
+                    f"{type(vit).__name__}."
+                )
         else:
+            model_type = AutoConfig.from_pretrained(model_or_path).model_type
+            if model_type != "vit":
+                raise ValueError(
+                    f"{model_or_path!r} holds a {model_type!r} model; from_vit converts transformers' ViT ('vit') only."
+                )
             vit = ViTForImageClassification.from_pretrained(model_or_path, attn_implementation=attn_implementation)
         vit_config = vit.config
-        if vit.classifier is None or isinstance(vit.classifier, nn.Identity):
-            config_overrides.setdefault("num_labels", 0)
+        has_head = isinstance(getattr(vit, "classifier", None), nn.Linear)
         fields = dict(
             hidden_size=vit_config.hidden_size,
             num_hidden_layers=vit_config.num_hidden_layers,
@@ -780,25 +855,21 @@ class ConformerForImageClassification(ConformerPreTrainedModel):
             patch_size=vit_config.patch_size,
             num_channels=vit_config.num_channels,
             qkv_bias=vit_config.qkv_bias,
-            id2label=dict(vit_config.id2label),
-            label2id=dict(vit_config.label2id),
         )
-        config = ConformerConfig(**{**fields, **config_overrides})
+        num_labels = config_overrides.get("num_labels", vit_config.num_labels if has_head else 0)
+        if num_labels == vit_config.num_labels and "id2label" not in config_overrides:
+            fields.update(id2label=dict(vit_config.id2label), label2id=dict(vit_config.label2id))
+        config = ConformerConfig(**{**fields, **config_overrides, "num_labels": num_labels})
         model = cls._from_config(config, attn_implementation=attn_implementation)
         # Same submodule names below the base model; only the prefix differs.
         state_dict = {
             key.replace(f"{vit.base_model_prefix}.", f"{cls.base_model_prefix}.", 1): value
             for key, value in vit.state_dict().items()
         }
-        if model.classifier.__class__ is not vit.classifier.__class__ or (
-            isinstance(model.classifier, nn.Linear) and model.classifier.weight.shape != vit.classifier.weight.shape
-        ):
-            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("classifier.")}
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        head = ("classifier.", "cnn_head.", "pre_logits.")
-        missing = [k for k in missing if not k.startswith(head)]
-        if missing or unexpected:
-            raise ValueError(f"The ViT's weights do not fit: missing {missing}, unexpected {unexpected}.")
+        if isinstance(vit, ViTModel):
+            state_dict = {f"{cls.base_model_prefix}.{key}": value for key, value in state_dict.items()}
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(f"{cls.base_model_prefix}.pooler.")}
+        model.load_state_dict(adapt_state_dict(state_dict, model), strict=True)
         return model.to(next(vit.parameters()).dtype)
 
 
