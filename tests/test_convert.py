@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import TINY_VIT, google_vit_params
 from huggingface_hub import ModelCard
 from timm.layers import HybridEmbed
 from timm.models.vision_transformer import VisionTransformer, _load_weights
@@ -24,121 +25,10 @@ import convert_npz_to_hf as converter
 from configuration_conformer import ConformerConfig
 
 REPO_DIR = Path(__file__).resolve().parents[1]
-WIDTH, DEPTH, HEADS, MLP, PATCH, GRID, CLASSES = 32, 2, 2, 64, 8, 4, 5
+WIDTH, DEPTH, HEADS, MLP, PATCH, GRID, CLASSES = (
+    TINY_VIT[k] for k in ("width", "depth", "heads", "mlp", "patch", "grid", "classes")
+)
 TOLERANCE = 1e-4
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Synthetic checkpoints in Google's layout
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def google_vit_params(
-    representation_size=None,
-    backbone_depths=None,
-    gn_4d=False,
-    big_vision=False,
-    position_class_slot=True,
-    num_classes=CLASSES,
-    seed=0,
-):
-    """Random weights under the keys of google-research/vision_transformer (or big_vision's stacked layout).
-
-    Hybrid: a BiT ResNet of `backbone_depths` stages at R50 widths (64 stem; 256, 512, ... per stage), then a
-    (PATCH / stride)-sized embedding over its feature map. `gn_4d` stores GroupNorm parameters as [1, 1, 1, C].
-    """
-    rng = np.random.default_rng(seed)
-
-    def rand(*shape, scale=0.2, offset=0.0):
-        return (offset + scale * rng.standard_normal(shape)).astype(np.float32)
-
-    params = {}
-    if backbone_depths:
-
-        def group_norm(name, channels):
-            shape = (1, 1, 1, channels) if gn_4d else (channels,)
-            params[f"{name}/scale"], params[f"{name}/bias"] = (
-                rand(*shape, scale=0.1, offset=1.0),
-                rand(*shape, scale=0.1),
-            )
-
-        params["conv_root/kernel"] = rand(7, 7, 3, 64)
-        group_norm("gn_root", 64)
-        in_channels = 64
-        for stage, depth in enumerate(backbone_depths):
-            out_channels = 256 * 2**stage
-            mid = out_channels // 4
-            for unit in range(depth):
-                block = f"block{stage + 1}/unit{unit + 1}/"
-                params[block + "conv1/kernel"] = rand(1, 1, in_channels, mid)
-                group_norm(block + "gn1", mid)
-                params[block + "conv2/kernel"] = rand(3, 3, mid, mid)
-                group_norm(block + "gn2", mid)
-                params[block + "conv3/kernel"] = rand(1, 1, mid, out_channels)
-                group_norm(block + "gn3", out_channels)
-                if unit == 0:
-                    params[block + "conv_proj/kernel"] = rand(1, 1, in_channels, out_channels)
-                    group_norm(block + "gn_proj", out_channels)
-                in_channels = out_channels
-        kernel = PATCH // 2 ** (len(backbone_depths) + 1)
-        params["embedding/kernel"] = rand(kernel, kernel, in_channels, WIDTH, scale=0.05)
-    else:
-        params["embedding/kernel"] = rand(PATCH, PATCH, 3, WIDTH, scale=0.05)
-    params["embedding/bias"] = rand(WIDTH)
-    params["cls"] = rand(1, 1, WIDTH)
-    position = rand(1, GRID * GRID + int(position_class_slot), WIDTH)
-
-    head_dim = WIDTH // HEADS
-    layers = []
-    for _ in range(DEPTH):
-        layer = {
-            "LayerNorm_0/scale": rand(WIDTH, scale=0.1, offset=1.0),
-            "LayerNorm_0/bias": rand(WIDTH, scale=0.1),
-            "MultiHeadDotProductAttention_1/out/kernel": rand(HEADS, head_dim, WIDTH),
-            "MultiHeadDotProductAttention_1/out/bias": rand(WIDTH),
-            "LayerNorm_2/scale": rand(WIDTH, scale=0.1, offset=1.0),
-            "LayerNorm_2/bias": rand(WIDTH, scale=0.1),
-            "MlpBlock_3/Dense_0/kernel": rand(WIDTH, MLP),
-            "MlpBlock_3/Dense_0/bias": rand(MLP),
-            "MlpBlock_3/Dense_1/kernel": rand(MLP, WIDTH),
-            "MlpBlock_3/Dense_1/bias": rand(WIDTH),
-        }
-        for name in ("query", "key", "value"):
-            layer[f"MultiHeadDotProductAttention_1/{name}/kernel"] = rand(WIDTH, HEADS, head_dim)
-            layer[f"MultiHeadDotProductAttention_1/{name}/bias"] = rand(HEADS, head_dim)
-        layers.append(layer)
-    params["Transformer/encoder_norm/scale"] = rand(WIDTH, scale=0.1, offset=1.0)
-    params["Transformer/encoder_norm/bias"] = rand(WIDTH, scale=0.1)
-    head_in = WIDTH
-    if representation_size:
-        params["pre_logits/kernel"], params["pre_logits/bias"] = (
-            rand(WIDTH, representation_size),
-            rand(representation_size),
-        )
-        head_in = representation_size
-    params["head/kernel"], params["head/bias"] = rand(head_in, num_classes), rand(num_classes)
-
-    if not big_vision:
-        params["Transformer/posembed_input/pos_embedding"] = position
-        for index, layer in enumerate(layers):
-            params.update({f"Transformer/encoderblock_{index}/{key}": value for key, value in layer.items()})
-        return params
-    # big_vision: `params/` prefix, its own module numbering, position embedding at the top, layers stacked.
-    renames = {"MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0", "LayerNorm_2": "LayerNorm_1"}
-    renames["MlpBlock_3"] = "MlpBlock_0"
-    stacked = {f"params/{key}": value for key, value in params.items()}
-    stacked["params/pos_embedding"] = position
-    for key in layers[0]:
-        new_key = key
-        for old, new in renames.items():
-            new_key = new_key.replace(old, new)
-        stacked[f"params/Transformer/encoderblock/{new_key}"] = np.stack([layer[key] for layer in layers])
-    return stacked
-
-
-def write_npz(path, params):
-    np.savez(path, **params)
-    return path
 
 
 def timm_model(image_size, backbone_depths=None, num_classes=CLASSES, no_embed_class=False):
@@ -167,8 +57,13 @@ def random_pixels(image_size, batch=2):
 
 
 @pytest.fixture
-def plain_npz(tmp_path):
-    return write_npz(tmp_path / "ViT-tiny.npz", google_vit_params())
+def plain_npz(tmp_path, google_npz):
+    return google_npz(tmp_path / "ViT-tiny.npz")
+
+
+def write_npz(path, params):
+    np.savez(path, **params)
+    return path
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -246,7 +141,7 @@ def test_infer_config_reads_architecture_from_shapes():
 
 
 def test_imagenet_1k_head_gets_imagenet_class_names():
-    config = converter.infer_config(google_vit_params(num_classes=1000))
+    config = converter.infer_config(google_vit_params(classes=1000))
     assert config.id2label[0] == "tench, Tinca tinca" and config.id2label[999].startswith("toilet tissue")
 
 
