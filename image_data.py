@@ -128,18 +128,34 @@ def processor_size(image_processor) -> tuple[int, int]:
     return size["shortest_edge"], size["shortest_edge"]
 
 
-def with_transform(transform: Callable) -> Callable:
-    """A `set_transform` function: a batch of `{"image", "label"}` -> `{"pixel_values", "labels"}`."""
+class TransformedDataset(torch.utils.data.Dataset):
+    """A split of `{"image", "label"}` examples as `{"pixel_values", "labels"}`, each image decoded by
+    `load_rgb_image` and transformed under its own random seed, drawn from (`seed`, epoch, example index).
 
-    def apply(batch):
-        if any(label is None for label in batch["label"]):
-            raise DataError("an example has no label (its label is None)")
-        return {
-            "pixel_values": [transform(load_rgb_image(image)) for image in batch["image"]],
-            "labels": batch["label"],
-        }
+    The crops and flips of an example therefore do not depend on which process or DataLoader worker reads it, nor on
+    what ran before: a run resumed from a checkpoint augments exactly as the uninterrupted run did. The Trainer (through
+    accelerate's data loader) calls `set_epoch` before each epoch, so every epoch sees new crops.
+    """
 
-    return apply
+    def __init__(self, dataset: Dataset, transform: Callable, seed: int = 0):
+        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        example = self.dataset[index]
+        if example["label"] is None:
+            raise DataError(f"example {index} has no label (its label is None)")
+        image = load_rgb_image(example["image"])
+        example_seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
+        with torch.random.fork_rng(devices=[]):  # leaves the global generator as it was
+            torch.manual_seed(int(example_seed))
+            pixel_values = self.transform(image)
+        return {"pixel_values": pixel_values, "labels": example["label"]}
 
 
 def collate_fn(examples: list[dict]) -> dict[str, torch.Tensor]:

@@ -23,6 +23,11 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
 
 
+def images(count, seed=0, size=4):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Decoding
 # --------------------------------------------------------------------------------------------------------------------
@@ -128,15 +133,26 @@ def test_augmentation_is_random_and_seeded():
     assert not torch.equal(evaluate(image), first)
 
 
-def test_batches_of_examples_become_pixel_values_and_labels():
-    _, evaluate = build_transforms(4, augment=False, mean=[0.0] * 3, std=[1.0] * 3)
-    apply = image_data.with_transform(evaluate)
-    batch = apply({"image": [Image.new("L", (2, 2), 255), Image.new("RGB", (5, 3))], "label": [1, 0]})
-    collated = image_data.collate_fn([{"pixel_values": p, "labels": y} for p, y in zip(*batch.values())])
-    assert collated["pixel_values"].shape == (2, 3, 4, 4) and collated["labels"].tolist() == [1, 0]
-    assert collated["pixel_values"][0].min() == 1.0 and collated["pixel_values"][1].max() == 0.0
-    with pytest.raises(DataError, match="has no label"):
-        apply({"image": [Image.new("RGB", (2, 2))], "label": [None]})
+def test_examples_become_pixel_values_and_labels_with_augmentation_seeded_per_example():
+    dataset = datasets.Dataset.from_dict({"image": images(6, size=20), "label": [0, 1, 0, 1, 0, None]})
+    train, evaluate = build_transforms(8, augment=True, mean=[0.0] * 3, std=[1.0] * 3)
+    split = image_data.TransformedDataset(dataset, train, seed=3)
+    first = [split[index]["pixel_values"] for index in range(3)]
+    torch.manual_seed(123)  # whatever the global generator's state, or the order the examples are read in
+    state = torch.random.get_rng_state()
+    assert all(torch.equal(split[index]["pixel_values"], first[index]) for index in (2, 0, 1))
+    assert torch.equal(torch.random.get_rng_state(), state)  # and it is left alone
+    split.set_epoch(1)
+    assert not torch.equal(split[0]["pixel_values"], first[0])  # a new epoch, new crops
+    assert not torch.equal(image_data.TransformedDataset(dataset, train, seed=4)[0]["pixel_values"], first[0])
+
+    batch = image_data.collate_fn([split[0], split[1]])
+    assert batch["pixel_values"].shape == (2, 3, 8, 8) and batch["labels"].tolist() == [0, 1]
+    with pytest.raises(DataError, match="example 5 has no label"):
+        split[5]
+    plain = image_data.TransformedDataset(dataset, evaluate)[1]["pixel_values"]
+    resized = evaluate(dataset[1]["image"])
+    assert torch.equal(plain, resized)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -159,11 +175,6 @@ def test_digits_tensors_equal_the_transformed_split():
     assert train_x.shape == (1437, 3, 16, 16) and eval_x.shape == (360, 3, 16, 16)
     assert train_x.min() == -1.0 and train_x.max() == 1.0  # ViTImageProcessor's mean and std 0.5: [0, 1] -> [-1, 1]
     assert eval_y.tolist() == image_data.load_digits_dataset()["validation"]["label"]
-
-
-def images(count, seed=0):
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)) for _ in range(count)]
 
 
 def test_string_labels_become_one_sorted_class_label_and_a_stratified_split():
