@@ -131,7 +131,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protect_cls: bool = Tr
 
 def _unit_vectors_and_weights(metric: torch.Tensor, size: torch.Tensor | None):
     """Unit-length metric vectors [batch, tokens, channels] and token weights [batch, tokens], both float32."""
-    unit = F.normalize(metric.float(), dim=-1)
+    unit = F.normalize(metric.float().nan_to_num(0.0, 0.0, 0.0), dim=-1)  # NaN/inf keys (a diverged run): zero
     if size is None:
         return unit, unit.new_ones(unit.shape[:2])
     return unit, size.float().reshape(unit.shape[:2])
@@ -206,50 +206,62 @@ def submodular_matching(
                 removed_by_cost |= others & (others.long().cumsum(dim=-1) <= missing)
             removed = torch.zeros_like(kept).scatter_(1, order, removed_by_cost)
             kept &= ~removed
-            still_to_remove = still_to_remove - removed.sum(dim=-1, keepdim=True)
-            if not still_to_remove.any():
-                break
+            still_to_remove = still_to_remove - removed.sum(dim=-1, keepdim=True)  # rounds after 0 remove nothing
 
         owner = torch.where(kept, positions, similarity_to_kept().max(dim=-1).indices)
         destination = _destination_from_owner(owner, kept)
     return _merge_by_destination(destination, num_tokens - r)
 
 
+def _fallback_rounds(num_groups: int, r: int) -> int:
+    """Rounds in which every group may join its nearest that guarantee r merges: each such round leaves at most half
+    of the groups (every chain of nearest groups ends in a mutual pair, whose heavier group stays)."""
+    remaining, rounds = num_groups, 0
+    while num_groups - remaining < r:  # r < num_groups, so `remaining` reaches 1 at the latest
+        remaining, rounds = remaining // 2, rounds + 1
+    return rounds
+
+
 def ward_matching(
     metric: torch.Tensor, r: int, size: torch.Tensor | None = None, protect_cls: bool = True, max_rounds: int = 12
 ):
-    """Ward's agglomerative clustering of the tokens down to N - r groups, in a few batched rounds.
+    """Ward's agglomerative clustering of the tokens down to N - r groups, in a fixed number of batched rounds.
 
     Joining groups P and Q (sizes w, centroids c of the unit metric vectors) adds exactly
     `w_P * w_Q / (w_P + w_Q) * ||c_P - c_Q||^2` to the size-weighted scatter of the merged tokens, so Ward's greedy
     merge is greedy on the information a merge throws away. Ward's cost is reducible, so all mutual-nearest pairs can
     merge at once and the merge tree (with its costs) stays that of sequential Ward; costs only grow up the tree, so the
     r cheapest merges are Ward's cut at N - r groups. Each round merges every mutual pair (the lighter group into the
-    heavier), records parent and cost, and compacts the live groups (about 30% fewer per round). Once r recorded
-    merges cost no more than the cheapest merge still possible, the cut is exact; after `max_rounds` the r cheapest
-    recorded merges are taken as they are.
+    heavier) and records parent and cost. Once r recorded merges cost no more than the cheapest merge still possible,
+    the cut is exact and that image records no more merges. An image still short of r merges after `max_rounds`
+    rounds lets every group join its nearest (chains of nearest groups end in a mutual pair, so the joins form a
+    tree) in as many rounds as guarantee r merges, and those merges are taken only to fill up.
+
+    The number of rounds depends on r and the token count only, and nothing branches on the data: one graph for
+    `torch.compile(fullgraph=True)`, `torch.export` and ONNX, no host sync on a GPU, and NaN or inf keys (zeroed)
+    cannot stop it from ending.
     """
     batch, num_tokens, channels = metric.shape
     _check_merge_r(r, num_tokens, "ward", protect_cls)
     if r == 0:
         return _identity, _identity
+    num_rounds = max(max_rounds, 1) - 1 + max(1, _fallback_rounds(num_tokens - int(protect_cls), r))
     with torch.no_grad():
         unit, weight = _unit_vectors_and_weights(metric, size)
         positions = torch.arange(num_tokens, device=metric.device)
-        parent = positions.expand(batch, -1).clone()  # the token each token merged into (itself: not merged)
+        # Groups never move: group i is the one whose first token is i. `parent`: the group i merged into.
+        parent = positions.expand(batch, -1).clone()
         merge_cost = torch.full_like(weight, math.inf)  # the Ward cost of that merge
-        # The working set: the live groups of each image, compacted every round (padding after them). `head` is the
-        # token that stands for each group; a large `frozen` term keeps the class token and padding out of merges.
-        head, centroid, group_weight = positions.expand(batch, -1), unit, weight
-        frozen = torch.zeros_like(weight)
+        filler = torch.zeros_like(weight, dtype=torch.bool)  # merges made only to reach r
+        centroid, group_weight = unit, weight
+        live = torch.ones_like(filler)
         if protect_cls:
-            frozen[:, 0] = 1e9
-        rounds_done = 0
-        while True:
-            num_groups = centroid.shape[1]
-            group_positions = positions[:num_groups]
+            live[:, 0] = False  # the class token neither joins nor takes in a group
+        exact = torch.zeros_like(filler[:, :1])
+        for round_index in range(num_rounds):
+            filling = round_index >= max_rounds - 1
             # Ward cost of joining groups i and j: ||c_i - c_j||^2 / (1/w_i + 1/w_j)  [batch, groups, groups]
-            squared_norm = (centroid * centroid).sum(-1) + frozen
+            squared_norm = (centroid * centroid).sum(-1).masked_fill(~live, math.inf)
             cost = torch.baddbmm(
                 squared_norm[:, :, None] + squared_norm[:, None, :], centroid, centroid.transpose(-1, -2), alpha=-2
             )
@@ -258,50 +270,44 @@ def ward_matching(
             cost.diagonal(dim1=-2, dim2=-1).fill_(math.inf)
             best_cost, nearest = cost.min(dim=-1)
             second_cost = cost.scatter_(2, nearest[..., None], math.inf).amin(dim=-1)
-            live = frozen == 0
-            mutual = (nearest.gather(1, nearest) == group_positions) & live & (best_cost < 1e8)
+            can_join = live & best_cost.isfinite()
+            mutual = can_join & (nearest.gather(1, nearest) == positions)
             nearest_weight = group_weight.gather(1, nearest)
-            lighter = (group_weight < nearest_weight) | ((group_weight == nearest_weight) & (group_positions > nearest))
+            lighter = (group_weight < nearest_weight) | ((group_weight == nearest_weight) & (positions > nearest))
             joins = mutual & lighter  # one group of each mutual pair joins the other
-            merge_cost.scatter_(1, head, torch.where(joins, best_cost, merge_cost.gather(1, head)))
-            parent.scatter_(1, head, torch.where(joins, head.gather(1, nearest), parent.gather(1, head)))
+            if filling:
+                joins = joins | (can_join & ~mutual)
+            joins &= ~exact
+            if filling:  # after the first filling round no merge is Ward's any more
+                filler |= joins if round_index >= max_rounds else joins & ~mutual
+            merge_cost = torch.where(joins, best_cost, merge_cost)
+            parent = torch.where(joins, nearest, parent)
             # No later merge can cost less than the cheapest cost left after this round.
             lower_bound = torch.where(mutual, second_cost, best_cost).masked_fill(~live, math.inf).amin(-1, True)
-            rounds_done += 1
-            if bool(((merge_cost <= lower_bound).sum(-1) >= r).all()):
-                break  # the r cheapest recorded merges are exactly Ward's
-            if rounds_done >= max_rounds and bool((merge_cost.isfinite().sum(-1) >= r).all()):
-                break
+            exact |= ((merge_cost <= lower_bound) & ~filler).sum(-1, keepdim=True) >= r
 
-            absorbs = mutual & ~joins  # the other group of each pair takes its partner in
-            absorbed_weight = nearest_weight * absorbs
-            partner = centroid.gather(1, nearest[..., None].expand(-1, -1, channels))
-            merged_centroid = (group_weight[..., None] * centroid + absorbed_weight[..., None] * partner) / (
-                group_weight + absorbed_weight
-            )[..., None]
-            centroid = torch.where(absorbs[..., None], merged_centroid, centroid)
-            group_weight = group_weight + absorbed_weight
-            # Compact: live groups first, in their order; padding after.
+            # Each joining group's weight and weighted centroid go to the group it ends in.
+            target = torch.where(joins, nearest, positions)
+            if filling:  # joins may chain there
+                for _ in range(num_tokens.bit_length()):
+                    target = target.gather(1, target)
+            moved_weight = group_weight * joins
+            taken_weight = torch.zeros_like(group_weight).scatter_add_(1, target, moved_weight)
+            taken_sum = torch.zeros_like(centroid).scatter_add_(
+                1, target[..., None].expand(-1, -1, channels), moved_weight[..., None] * centroid
+            )
+            new_weight = group_weight + taken_weight
+            merged_centroid = (group_weight[..., None] * centroid + taken_sum) / new_weight[..., None]
+            centroid = torch.where(joins[..., None], centroid, merged_centroid)
+            group_weight = torch.where(joins, group_weight, new_weight)
             live &= ~joins
-            num_live = live.sum(-1, keepdim=True)
-            new_position = torch.where(live, live.cumsum(-1) - 1, num_live + (~live).cumsum(-1) - 1)
-            num_groups = int(num_live.max())
-            order = torch.empty_like(new_position).scatter_(1, new_position, group_positions.expand(batch, -1))
-            order = order[:, :num_groups]
-            centroid = centroid.gather(1, order[..., None].expand(-1, -1, channels))
-            padding = (~live).float().gather(1, order)
-            group_weight = group_weight.gather(1, order) * (1 - padding) + padding  # padding weighs 1: 1/w stays finite
-            frozen = padding * 1e9
-            head = head.gather(1, order)
 
-        merged = torch.zeros_like(parent, dtype=torch.bool)
-        merged.scatter_(1, merge_cost.topk(r, dim=-1, largest=False).indices, True)
+        # The r cheapest recorded merges, those made only to reach r last (no Ward cost is above 4 * total weight).
+        priority = merge_cost + filler * (4 * weight.sum(-1, keepdim=True))
+        merged = torch.zeros_like(filler).scatter_(1, priority.topk(r, dim=-1, largest=False).indices, True)
         owner = torch.where(merged, parent, positions)
         for _ in range(num_tokens.bit_length()):  # pointer jumping: follow chains of merges to their kept token
-            next_owner = owner.gather(1, owner)
-            if torch.equal(next_owner, owner):
-                break
-            owner = next_owner
+            owner = owner.gather(1, owner)
         destination = _destination_from_owner(owner, ~merged)
     return _merge_by_destination(destination, num_tokens - r)
 

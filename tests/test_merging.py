@@ -89,6 +89,30 @@ def test_merge_invariants(mode, num_tokens, r):
     assert torch.allclose(merge(features, mode="sum").sum(1), features.sum(1), atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", sorted(MATCHINGS))
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_every_mode_ends_with_a_partition_on_non_finite_keys(mode, bad):
+    """A diverged run feeds NaN or inf keys: every matching still ends (bounded rounds) and partitions the tokens."""
+    torch.manual_seed(0)
+    metric = torch.randn(3, 41, 8)
+    metric[0] = bad  # every key of one image
+    metric[1, ::3, 2] = bad  # some keys of another
+    merge, unmerge = MATCHINGS[mode](metric, 17, torch.ones(3, 41, 1))
+    _, sizes = merge_wavg(merge, torch.randn(3, 41, 4))
+    assert torch.equal(sizes.sum(1), torch.full((3, 1), 41.0))
+    for image_groups in groups_of(unmerge, 3, 41, 24):
+        assert sorted(t for g in image_groups for t in g) == list(range(41))
+        assert all(image_groups) and image_groups[0] == [0]
+
+
+@pytest.mark.parametrize("mode", sorted(MATCHINGS))
+def test_a_model_with_merging_on_returns_on_nan_pixels(mode):
+    model = ConformerForImageClassification(ConformerConfig(**TINY, merge_mode=mode, merge_r=[5, 4, 3])).eval()
+    with torch.no_grad():
+        outputs = model(torch.full((2, 3, 32, 32), math.nan), output_merge_info=True)
+    assert outputs.token_sizes.shape == (2, 5) and torch.equal(outputs.token_sizes.sum(1), torch.full((2,), 17.0))
+
+
 def test_submodular_recovers_duplicated_tokens_exactly():
     """Five directions, each repeated four times (plus a class token): removing 15 tokens must merge the duplicates
     and lose nothing, since keeping one copy of each direction represents every token perfectly."""
