@@ -1,6 +1,7 @@
 """Configuration of Conformer: a Vision Transformer whose tokens are merged inside the network."""
 
-from transformers import PretrainedConfig
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
 
 MERGE_MODES = ("none", "bipartite", "submodular", "ward")
 CLASSIFIERS = ("token", "gap", "cnn")
@@ -36,7 +37,8 @@ def _check_choice(name, value, allowed):
         raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}, got {value!r}.")
 
 
-class ConformerConfig(PretrainedConfig):
+@strict
+class ConformerConfig(PreTrainedConfig):
     r"""
     Configuration of a [`ConformerModel`]: a ViT (optionally the R50+ViT hybrid) with token merging between
     attention and MLP of each layer, and a choice of classifier heads.
@@ -44,7 +46,8 @@ class ConformerConfig(PretrainedConfig):
     Args:
         hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, hidden_act, hidden_dropout_prob,
         attention_probs_dropout_prob, initializer_range, image_size, patch_size, num_channels, qkv_bias:
-            As in transformers' `ViTConfig`. `hidden_act="gelu"` is the exact (erf) GELU that timm and transformers
+            As in transformers' `ViTConfig` (like it, the config accepts a `hidden_size` that the heads do not divide;
+            the attention module refuses it). `hidden_act="gelu"` is the exact (erf) GELU that timm and transformers
             use; Google's Flax code used the tanh approximation, which differs slightly.
         layer_norm_eps (`float`, defaults to 1e-6):
             Google's checkpoints and timm use 1e-6 (transformers' `ViTConfig` defaults to 1e-12).
@@ -71,62 +74,51 @@ class ConformerConfig(PretrainedConfig):
 
     model_type = "conformer"
 
-    def __init__(
-        self,
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        hidden_act="gelu",
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        initializer_range=0.02,
-        layer_norm_eps=1e-6,
-        image_size=224,
-        patch_size=16,
-        num_channels=3,
-        qkv_bias=True,
-        representation_size=None,
-        backbone_depths=None,
-        merge_mode="none",
-        merge_r=0,
-        proportional_attention=True,
-        classifier="token",
-        cnn_head_channels=256,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.intermediate_size = intermediate_size
-        self.hidden_act = hidden_act
-        self.hidden_dropout_prob = hidden_dropout_prob
-        self.attention_probs_dropout_prob = attention_probs_dropout_prob
-        self.initializer_range = initializer_range
-        self.layer_norm_eps = layer_norm_eps
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.num_channels = num_channels
-        self.qkv_bias = qkv_bias
-        self.representation_size = representation_size
-        self.backbone_depths = list(backbone_depths) if backbone_depths is not None else None
-        self.merge_mode = merge_mode
-        self.merge_r = list(merge_r) if isinstance(merge_r, (list, tuple)) else merge_r
-        self.proportional_attention = proportional_attention
-        self.classifier = classifier
-        self.cnn_head_channels = cnn_head_channels
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float | int = 0.0
+    attention_probs_dropout_prob: float | int = 0.0
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-6
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    qkv_bias: bool = True
+    representation_size: int | None = None
+    backbone_depths: list[int] | None = None
+    merge_mode: str = "none"
+    merge_r: int | list[int] = 0
+    proportional_attention: bool = True
+    classifier: str = "token"
+    cnn_head_channels: int = 256
+
+    def __post_init__(self, **kwargs):
+        if isinstance(self.backbone_depths, tuple):
+            self.backbone_depths = list(self.backbone_depths)
+        if isinstance(self.merge_r, tuple):
+            self.merge_r = list(self.merge_r)
         # Both Auto classes must resolve from one saved folder; `save_pretrained` alone records only the saved one.
-        if not getattr(self, "auto_map", None):
-            self.auto_map = {
+        kwargs.setdefault(
+            "auto_map",
+            {
                 "AutoConfig": "configuration_conformer.ConformerConfig",
                 "AutoModel": "modeling_conformer.ConformerModel",
                 "AutoModelForImageClassification": "modeling_conformer.ConformerForImageClassification",
-            }
-        self.validate_conformer()
+            },
+        )
+        # Checked here too, so that a bad value raises its own `ValueError` where the config is written, not one
+        # wrapped by `@strict`; the model checks the effective config again when it is built.
+        self.validate_architecture()
+        super().__post_init__(**kwargs)
 
-    def validate_conformer(self):
-        """Raise `ValueError` naming the field and what it accepts when a value cannot work."""
+    def validate_architecture(self):
+        """Raise `ValueError` naming the field and what it accepts when a value cannot work. (Whether the heads
+        divide `hidden_size` is the attention module's check, as in transformers' ViT.)"""
+        if self.merge_mode == "tome":
+            raise ValueError("`merge_mode` 'tome' is called 'bipartite' here (ToMe's bipartite soft matching).")
         _check_choice("merge_mode", self.merge_mode, MERGE_MODES)
         _check_choice("classifier", self.classifier, CLASSIFIERS)
         for name in (
@@ -142,11 +134,6 @@ class ConformerConfig(PretrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
-                f"({self.num_attention_heads})."
-            )
         if self.representation_size is not None and (
             not isinstance(self.representation_size, int) or self.representation_size <= 0
         ):
@@ -162,14 +149,16 @@ class ConformerConfig(PretrainedConfig):
                     f"`patch_size` ({self.patch_size}) must be a multiple of the hybrid stem's stride "
                     f"({self.backbone_stride} for {len(self.backbone_depths)} stages)."
                 )
-        schedule = self.merge_r if isinstance(self.merge_r, list) else [self.merge_r]
+        schedule = self.merge_r if isinstance(self.merge_r, (list, tuple)) else [self.merge_r]
         if any(not isinstance(r, int) or isinstance(r, bool) or r < 0 for r in schedule):
             raise ValueError(f"`merge_r` must be a non-negative int or a list of them, got {self.merge_r!r}.")
-        if isinstance(self.merge_r, list) and len(self.merge_r) != self.num_hidden_layers:
+        if isinstance(self.merge_r, (list, tuple)) and len(self.merge_r) != self.num_hidden_layers:
             raise ValueError(
                 f"`merge_r` lists {len(self.merge_r)} values but the model has {self.num_hidden_layers} layers; "
                 "give one int per layer or a single int."
             )
+
+    validate_conformer = validate_architecture  # the first round's name, still used by scripts
 
     @property
     def backbone_stride(self):

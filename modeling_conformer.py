@@ -17,7 +17,8 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import auto_docstring, logging
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, auto_docstring, logging
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -501,6 +502,8 @@ class ConformerPatchEmbeddings(nn.Module):
                 f"Expected pixel_values of shape (batch, {self.num_channels}, height, width), got "
                 f"{tuple(pixel_values.shape)}: the model was configured for {self.num_channels} channels."
             )
+        if pixel_values.shape[0] == 0:  # attention kernels cannot reshape an empty batch
+            raise ValueError("pixel_values holds an empty batch (0 images); pass at least one image.")
         features = self.backbone(pixel_values).feature_maps[-1] if self.backbone is not None else pixel_values
         return self.projection(features).flatten(2).transpose(1, 2)  # [batch, patches, hidden]
 
@@ -559,7 +562,13 @@ class ConformerAttention(nn.Module):
 
     def __init__(self, config: ConformerConfig):
         super().__init__()
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(
+                f"`hidden_size` ({config.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({config.num_attention_heads})."
+            )
         self.config = config
+        self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_probs_dropout_prob
@@ -571,7 +580,7 @@ class ConformerAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_bias: torch.Tensor | None = None, **kwargs):
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
+        hidden_shape = (*input_shape, self.num_heads, self.head_dim)  # explicit heads: an empty batch reshapes too
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [batch, heads, tokens, head_dim]
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -589,7 +598,7 @@ class ConformerAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
-        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        attn_output = self.o_proj(attn_output.reshape(*input_shape, self.num_heads * self.head_dim).contiguous())
         return attn_output, attn_weights, key.mean(dim=1)  # metric: [batch, tokens, head_dim]
 
 
@@ -625,7 +634,7 @@ class ConformerLayer(GradientCheckpointingLayer):
         token_sizes: torch.Tensor | None = None,
         source_map: torch.LongTensor | None = None,
         merge_r: int = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ):
         attention_bias = None
         if self.config.proportional_attention and token_sizes is not None:
@@ -657,8 +666,11 @@ class ConformerPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["ConformerEmbeddings", "ConformerLayer"]
     _supports_sdpa = True
     _supports_flash_attn = False  # the log-size bias needs an additive mask
-    _supports_flex_attn = True
+    # Not declared: transformers' flex path reads an additive mask through a score_mod that captures it, and on the
+    # CPU build of torch 2.14 such a score_mod corrupts the heap (the proportional-attention bias needs one).
+    _supports_flex_attn = False
     _supports_attention_backend = True
+    _input_embed_layer = "patch_embeddings"
     _can_record_outputs = {
         "hidden_states": ConformerLayer,
         "attentions": ConformerAttention,
@@ -689,6 +701,8 @@ def check_merge_schedule(config: ConformerConfig, num_patches: int | None = None
 class ConformerModel(ConformerPreTrainedModel):
     def __init__(self, config: ConformerConfig):
         super().__init__(config)
+        # The effective config: `from_pretrained(..., merge_r=...)` sets overrides after the config was checked.
+        config.validate_architecture()
         check_merge_schedule(config)
         self.embeddings = ConformerEmbeddings(config)
         self.layers = nn.ModuleList([ConformerLayer(config) for _ in range(config.num_hidden_layers)])
@@ -702,7 +716,7 @@ class ConformerModel(ConformerPreTrainedModel):
         self,
         pixel_values: torch.Tensor | None = None,
         interpolate_pos_encoding: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> ConformerModelOutput:
         if pixel_values is None:
             raise ValueError("`pixel_values` is required.")
@@ -777,16 +791,34 @@ class ConformerForImageClassification(ConformerPreTrainedModel):
         self.classifier = nn.Linear(features, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 
-    def pool(self, outputs: ConformerModelOutput, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The feature vector the classifier reads, per `config.classifier`."""
+    def forward_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None, **kwargs
+    ) -> ConformerModelOutput:
+        """The base model's output (final tokens, their sizes and the source map): timm's `forward_features`."""
+        return self.conformer(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+
+    def pool(self, outputs: ConformerModelOutput, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """The feature vector the classifier reads, per `config.classifier` (the CNN head reads the patch grid of
+        `pixel_values`; without them, that of `config.image_size`)."""
         tokens = outputs.last_hidden_state
         if self.config.classifier == "token":
             return tokens[:, 0]
         if self.config.classifier == "gap":
             weights = outputs.token_sizes[:, 1:, None]
             return (tokens[:, 1:].float() * weights).sum(1).div(weights.sum(1)).to(tokens.dtype)
-        grid = (pixel_values.shape[-2] // self.config.patch_size, pixel_values.shape[-1] // self.config.patch_size)
+        height, width = pixel_values.shape[-2:] if pixel_values is not None else (self.config.image_size,) * 2
+        grid = (height // self.config.patch_size, width // self.config.patch_size)
         return self.cnn_head(tokens, outputs.source_map, grid)
+
+    def forward_head(
+        self, outputs: ConformerModelOutput, pixel_values: torch.Tensor | None = None, pre_logits: bool = False
+    ) -> torch.Tensor:
+        """Logits from `forward_features`' output: pool, the optional tanh pre-logits layer, the classifier
+        (`pre_logits=True`: the features before the classifier), as timm's `forward_head`."""
+        features = self.pool(outputs, pixel_values)
+        if self.pre_logits is not None:
+            features = self.pre_logits(features)
+        return features if pre_logits else self.classifier(features)
 
     @can_return_tuple
     @auto_docstring
@@ -796,19 +828,14 @@ class ConformerForImageClassification(ConformerPreTrainedModel):
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool | None = None,
         output_merge_info: bool = False,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> ConformerImageClassifierOutput:
         r"""
         output_merge_info (`bool`, defaults to `False`):
             Also return `token_sizes` and `source_map` (see [`ConformerModelOutput`]).
         """
-        outputs: ConformerModelOutput = self.conformer(
-            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
-        )
-        features = self.pool(outputs, pixel_values)
-        if self.pre_logits is not None:
-            features = self.pre_logits(features)
-        logits = self.classifier(features)
+        outputs = self.forward_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+        logits = self.forward_head(outputs, pixel_values)
 
         loss = None
         if labels is not None:
@@ -835,8 +862,7 @@ class ConformerForImageClassification(ConformerPreTrainedModel):
             vit = model_or_path
             if not isinstance(vit, (ViTForImageClassification, ViTModel)):
                 raise TypeError(
-                    f"from_vit expects a transformers ViTForImageClassification or ViTModel, got "
-                    f"{type(vit).__name__}."
+                    f"from_vit expects a transformers ViTForImageClassification or ViTModel, got {type(vit).__name__}."
                 )
         else:
             model_type = AutoConfig.from_pretrained(model_or_path).model_type

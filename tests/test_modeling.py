@@ -61,6 +61,47 @@ def test_from_vit_loads_a_saved_vit_folder(tmp_path):
     assert torch.equal(merged.classifier.weight, vit.classifier.weight)
 
 
+def test_from_vit_refuses_a_folder_that_is_not_a_vit(tmp_path):
+    from transformers import DeiTConfig, DeiTForImageClassification
+
+    DeiTForImageClassification(DeiTConfig(**TINY)).save_pretrained(tmp_path / "deit")
+    with pytest.raises(ValueError, match="'deit'.*ViT"):
+        ConformerForImageClassification.from_vit(str(tmp_path / "deit"))
+    with pytest.raises(TypeError, match="DeiTForImageClassification"):
+        ConformerForImageClassification.from_vit(DeiTForImageClassification(DeiTConfig(**TINY)))
+
+
+def test_from_vit_at_another_image_size_resamples_positions_bilinearly_as_timm():
+    from timm.layers import resample_abs_pos_embed
+
+    vit = tiny_vit()
+    model = ConformerForImageClassification.from_vit(vit, image_size=48)
+    position = vit.vit.embeddings.position_embeddings.detach()
+    expected = resample_abs_pos_embed(position, new_size=(6, 6), num_prefix_tokens=1, interpolation="bilinear")
+    assert torch.allclose(model.conformer.embeddings.position_embeddings, expected, atol=1e-6)
+    assert model(torch.randn(1, 3, 48, 48)).logits.shape == (1, 5)
+
+
+def test_from_vit_with_new_labels_gets_a_zero_head_and_no_label_warning(caplog):
+    with caplog.at_level("WARNING"):
+        model = ConformerForImageClassification.from_vit(tiny_vit(), num_labels=7)
+    assert "id2label" not in caplog.text
+    assert model.config.num_labels == 7 and len(model.config.id2label) == 7
+    assert not model.classifier.weight.any() and not model.classifier.bias.any()
+
+
+def test_from_vit_takes_a_vit_model_without_head():
+    from transformers import ViTModel
+
+    vit = tiny_vit()
+    base = ViTModel(vit.config, add_pooling_layer=True).eval()
+    base.load_state_dict(vit.vit.state_dict(), strict=False)
+    model = ConformerForImageClassification.from_vit(base).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.conformer(pixels).last_hidden_state, base(pixels).last_hidden_state, atol=1e-5)
+
+
 def test_matches_timm_vision_transformer():
     torch.manual_seed(0)
     reference = timm.models.vision_transformer.VisionTransformer(
@@ -207,6 +248,50 @@ def test_output_attentions_and_hidden_states_follow_the_merges():
     assert torch.allclose(outputs.attentions[1].sum(-1), torch.ones(2, 4, 13), atol=1e-5)
 
 
+def test_forward_features_then_forward_head_is_forward():
+    model = tiny_conformer(merge_mode="submodular", merge_r=2, classifier="cnn")
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        split = model.forward_head(model.forward_features(pixels), pixels)
+        assert torch.equal(split, model(pixels).logits)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_empty_batch_is_a_clear_error(attn_implementation):
+    model = tiny_conformer(merge_mode="bipartite", merge_r=2)
+    model.set_attn_implementation(attn_implementation)
+    with pytest.raises(ValueError, match="empty batch"):
+        model(torch.randn(0, 3, 32, 32))
+
+
+def test_flex_attention_is_not_declared():
+    # transformers refuses it with its own message instead of a crash inside the kernel.
+    with pytest.raises(ValueError, match="flex"):
+        tiny_conformer().set_attn_implementation("flex_attention")
+
+
+def test_input_embeddings_are_the_patch_embeddings_as_in_vit():
+    model = tiny_conformer()
+    assert model.get_input_embeddings() is model.conformer.embeddings.patch_embeddings
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_lora_with_gradient_checkpointing_trains_every_adapter(use_reentrant):
+    from peft import LoraConfig, get_peft_model
+
+    def lora_b_with_gradient(model):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        peft_model.train()
+        peft_model(pixel_values=torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 1])).loss.backward()
+        grads = [p.grad for n, p in peft_model.named_parameters() if "lora_B" in n]
+        return len(grads), sum(g is not None and bool(g.abs().sum() > 0) for g in grads)
+
+    # transformers' ViT under the same recipe is the reference: every adapter gets a gradient.
+    assert lora_b_with_gradient(tiny_vit()) == (6, 6)
+    assert lora_b_with_gradient(tiny_conformer(merge_mode="bipartite", merge_r=2)) == (6, 6)
+
+
 def test_tuple_outputs_with_return_dict_false():
     logits = tiny_conformer()(torch.randn(1, 3, 32, 32), return_dict=False)[0]
     assert logits.shape == (1, 5)
@@ -252,11 +337,10 @@ def test_wrong_image_size_says_what_to_do():
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("merge_mode", "tome", "merge_mode.*'none', 'bipartite', 'submodular'"),
+        ("merge_mode", "topk", "merge_mode.*'none', 'bipartite', 'submodular'"),
         ("classifier", "pool", "classifier.*'token', 'gap', 'cnn'"),
         ("merge_r", -1, "merge_r"),
         ("merge_r", [1, 2], "3 layers"),
-        ("num_attention_heads", 5, "divisible"),
         ("backbone_depths", [3, 0], "backbone_depths"),
         ("patch_size", 6, "positive int|multiple"),
         ("representation_size", 0, "representation_size"),
@@ -268,6 +352,28 @@ def test_bad_config_values_raise_value_error_naming_the_field(field, value, mess
         overrides["backbone_depths"] = [1, 1]
     with pytest.raises(ValueError, match=message):
         ConformerConfig(**{**TINY, **overrides})
+
+
+def test_config_accepts_heads_that_do_not_divide_the_width_and_the_model_refuses_them():
+    # As transformers' ViTConfig: the config takes hidden_size=37 with 4 heads, the attention module refuses it.
+    config = ConformerConfig(**{**TINY, "num_attention_heads": 5})
+    with pytest.raises(ValueError, match="divisible"):
+        ConformerForImageClassification(config)
+
+
+def test_merge_mode_tome_points_to_bipartite():
+    with pytest.raises(ValueError, match="bipartite.*ToMe"):
+        ConformerConfig(**TINY, merge_mode="tome")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [({"merge_r": [1, 2]}, "lists 2 values but the model has 3 layers"), ({"classifier": "bogus"}, "classifier")],
+)
+def test_from_pretrained_overrides_are_validated_when_the_model_is_built(tmp_path, override, message):
+    tiny_conformer().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        ConformerForImageClassification.from_pretrained(tmp_path, merge_mode="bipartite", **override)
 
 
 def test_unknown_preset_lists_the_known_ones():
