@@ -7,49 +7,50 @@ machines through `accelerate launch`, in fp32, fp16 or bf16.
         --output_dir runs/cifar10 --fp16
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml run_image_classification.py ...
 
-Data flows one way: arguments -> dataset (a Hub dataset or a `save_to_disk` folder, image folders, or scikit-learn's
-bundled digits) -> transforms -> model (a Conformer or transformers ViT folder or Hub id, a Google `.npz` converted on
-the fly, or a preset from scratch) -> `Trainer` -> the saved model with its remote code and image processor,
-`all_results.json`, a model card and `training_curves.png`.
+Data flows one way: arguments -> dataset (`image_data`: a Hub dataset or a `save_to_disk` folder, image folders, or
+scikit-learn's bundled digits) -> transforms (the image processor's size, mean and std) -> model (a Conformer or
+transformers ViT folder or Hub id, a Google `.npz` converted on the fly, or a preset from scratch) -> `Trainer` -> the
+saved model with its remote code and image processor, `all_results.json`, a model card and `training_curves.png`.
 
 The defaults are the original ViT fine-tuning recipe (SGD with momentum 0.9, lr 3e-2, no weight decay, cosine schedule
 with 500 warmup steps, gradient clipping at 1.0, 10000 steps of 512 images, evaluation every 100 steps); see
 `ConformerTrainingArguments`. Every `TrainingArguments` flag still works and overrides them.
 """
 
-import ast
 import copy
-import io
+import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+import tempfile
+import zipfile
 from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
 import torch
 import transformers
-from datasets import ClassLabel, Dataset, DatasetDict, Features, load_dataset, load_from_disk
-from PIL import Image
-from torchvision.transforms import Compose, Normalize, RandomHorizontalFlip, RandomResizedCrop, Resize, ToTensor
-from transformers import HfArgumentParser, Trainer, TrainingArguments, ViTImageProcessor
-from transformers.image_utils import PILImageResampling
-from transformers.trainer_utils import IntervalStrategy, SchedulerType, set_seed
+from safetensors import safe_open
+from transformers import AutoImageProcessor, HfArgumentParser, Trainer, TrainingArguments, ViTImageProcessor
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, SchedulerType, set_seed
 from transformers.training_args import OptimizerNames
 
+import image_data
 from configuration_conformer import CLASSIFIERS, MERGE_MODES, PRESETS, ConformerConfig
-from modeling_conformer import ConformerForImageClassification, resample_position_embeddings
+from image_data import (
+    IMAGE_COLUMN_NAMES,
+    LABEL_COLUMN_NAMES,
+    DataError,
+    TransformedDataset,
+    build_transforms,
+    collate_fn,
+    processor_size,
+)
+from modeling_conformer import ConformerForImageClassification, adapt_state_dict
 
 logger = logging.getLogger(__name__)
 
-IMAGE_MEAN = IMAGE_STD = [0.5, 0.5, 0.5]  # the original recipe maps pixels to [-1, 1]
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values")  # tried in order when --image_column_name is not given
-LABEL_COLUMN_NAMES = ("label", "labels", "fine_label")  # CIFAR-100's fine labels before its coarse ones
-EVAL_SPLIT_NAMES = ("validation", "valid", "val", "test")
-HEAD_PREFIXES = ("classifier.", "cnn_head.", "pre_logits.")
-POSITION_EMBEDDINGS = "conformer.embeddings.position_embeddings"
+LOSS_SUM_FILE = "loss_sum.json"  # in each checkpoint: the sum of the training losses up to it
 
 
 class ScriptError(Exception):
@@ -148,8 +149,9 @@ class ModelArguments:
     config_overrides: str | None = field(
         default=None,
         metadata={
-            "help": "Other config fields as `key=value,...`, values as Python literals, e.g. "
-            "`hidden_size=96,num_hidden_layers=4,merge_r=[4,4,2,2]`; applied after the flags above."
+            "help": "Other config fields as `key=value,...`, parsed by transformers' `PretrainedConfig."
+            "update_from_string` (ints, floats, `true`/`false`, strings), e.g. `hidden_size=96,num_hidden_layers=4`; "
+            "applied after the flags above."
         },
     )
     ignore_mismatched_sizes: bool = field(
@@ -222,6 +224,13 @@ class ConformerTrainingArguments(TrainingArguments):
     def __post_init__(self):
         if self.output_dir is None:
             raise ValueError("--output_dir is required: the folder for checkpoints, the final model and results.")
+        if not self.learning_rate >= 0:  # also NaN, for which every comparison is False
+            raise ValueError(f"--learning_rate must be a number >= 0, got {self.learning_rate}.")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(
+                f"--max_steps {self.max_steps} trains nothing: give a positive number of steps, or -1 to train "
+                "--num_train_epochs epochs."
+            )
         if self.do_eval is False:  # TrainingArguments turns evaluation back on while eval_strategy is "steps"
             self.eval_strategy = "no"
         if self.optim_args is None and self.optim == "sgd":
@@ -257,255 +266,28 @@ def parse_arguments(args: list[str]) -> tuple[ModelArguments, DataTrainingArgume
         raise ScriptError(str(error).strip().splitlines()[0]) from error
 
 
-def parse_merge_r(value) -> int | list[int] | None:
-    """`--merge_r`: an int, a list of ints, or their text (`"8"`, `"8,8,4"`, `"[8, 8, 4]"`)."""
-    if value is None or isinstance(value, (int, list)):
-        return value
-    text = str(value).strip().strip("[]")
+def parse_merge_r(value: str | None) -> int | list[int] | None:
+    """`--merge_r`: `"8"` or `"8,8,4"`."""
+    if value is None:
+        return None
     try:
-        numbers = [int(part) for part in text.split(",")]
+        numbers = [int(part) for part in str(value).split(",")]
     except ValueError:
         raise ScriptError(f"--merge_r must be an int or comma-separated ints, got {value!r}.") from None
     return numbers[0] if len(numbers) == 1 else numbers
 
 
-def parse_config_overrides(text: str | None) -> dict:
-    """`"hidden_size=96,merge_r=[4,4,2,2],classifier=gap"` -> a dict; values are Python literals, else strings."""
-    if not text:
-        return {}
-    items, depth, current = [], 0, ""
-    for char in text:  # split on the commas that are not inside brackets
-        if char in "[(":
-            depth += 1
-        elif char in "])":
-            depth -= 1
-        if char == "," and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += char
-    items.append(current)
-    overrides = {}
-    known_fields = ConformerConfig().to_dict()
-    for item in filter(str.strip, items):
-        key, sep, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key:
-            raise ScriptError(f"--config_overrides takes key=value pairs separated by commas, got {item.strip()!r}.")
-        if key not in known_fields:
-            raise ScriptError(f"--config_overrides: {key!r} is not a ConformerConfig field.")
-        literals = {"true": True, "false": False, "none": None, "null": None}
-        try:
-            overrides[key] = literals[value.lower()] if value.lower() in literals else ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            overrides[key] = value
-    return overrides
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Dataset: a DatasetDict with "train" and "validation" splits of {"image": undecoded Image, "label": ClassLabel}
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def load_digits_dataset(test_size: float = 0.2, seed: int = 0) -> DatasetDict:
-    """scikit-learn's bundled 1797 8x8 digits as RGB images with a `ClassLabel`, split 80/20 the same way every time
-    (stratified, fixed seed), so every process of a distributed run sees the same split without a download."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)  # [n, 8, 8], 0..16 -> 0..255
-    images = [Image.fromarray(np.repeat(digit[..., None], 3, axis=-1)) for digit in pixels]  # gray as RGB
-    features = Features({"image": datasets.Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
-    train_index, eval_index = train_test_split(
-        np.arange(len(images)), test_size=test_size, random_state=seed, stratify=digits.target
-    )
-
-    def subset(index):
-        return Dataset.from_dict(
-            {"image": [images[i] for i in index], "label": digits.target[index].tolist()}, features=features
-        )
-
-    return DatasetDict(train=subset(train_index), validation=subset(eval_index))
-
-
-def load_named_dataset(name: str, config_name: str | None, cache_dir: str | None, token: str | None) -> DatasetDict:
-    """A `save_to_disk` folder, or a dataset from the Hub (`cifar10`, `cifar100`, `user/name`, ...)."""
-    if os.path.isdir(name) and any(
-        os.path.isfile(os.path.join(name, marker)) for marker in ("dataset_dict.json", "state.json")
-    ):
-        dataset = load_from_disk(name)
-        return dataset if isinstance(dataset, DatasetDict) else DatasetDict(train=dataset)
+def check_output_dir(output_dir: str):
+    """Fail before training, not at the first save, when --output_dir cannot be written: it is a file, lies under one,
+    or is read-only. A missing folder is created, as the Trainer would."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ScriptError(f"--output_dir {output_dir!r} is a file, not a folder.")
     try:
-        return load_dataset(name, config_name, cache_dir=cache_dir, token=token)
-    except Exception as error:  # datasets raises many types (offline, not found, gated, bad config): report them all
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ScriptError(
-            f"cannot load dataset {name!r}: {reason} (use `digits`, `cifar10`, `cifar100`, a Hub dataset id, a "
-            "save_to_disk folder, or --train_dir/--validation_dir)"
-        ) from None
-
-
-def load_image_folders(train_dir: str | None, validation_dir: str | None, cache_dir: str | None) -> DatasetDict:
-    """`imagefolder` datasets: labels from the sub-folder names."""
-    data_files = {}
-    for split, flag, folder in (
-        ("train", "--train_dir", train_dir),
-        ("validation", "--validation_dir", validation_dir),
-    ):
-        if folder is None:
-            continue
-        if not os.path.isdir(folder):
-            raise ScriptError(f"{flag} {folder!r} is not a folder.")
-        has_images = any(name.lower().endswith(IMAGE_EXTENSIONS) for _, _, names in os.walk(folder) for name in names)
-        if not has_images:
-            raise ScriptError(
-                f"{flag} {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
-                "put them in one sub-folder per class."
-            )
-        data_files[split] = os.path.join(os.path.abspath(folder), "**")
-    return load_dataset("imagefolder", data_files=data_files, cache_dir=cache_dir)
-
-
-def _pick_column(features: Features, given: str | None, candidates: tuple[str, ...], kind: type, flag: str) -> str:
-    if given is not None:
-        if given not in features:
-            raise ScriptError(f"{flag} {given!r} is not a column of the dataset; its columns: {', '.join(features)}.")
-        return given
-    for name in candidates:
-        if name in features:
-            return name
-    for name, feature in features.items():
-        if isinstance(feature, kind):
-            return name
-    raise ScriptError(f"cannot tell which column to use; give {flag} (the dataset's columns: {', '.join(features)}).")
-
-
-def prepare_splits(dataset: DatasetDict, data_args: DataTrainingArguments, seed: int) -> DatasetDict:
-    """Pick the image and label columns, name them `image` and `label`, and make `train` and `validation` splits."""
-    if "train" not in dataset and "validation" not in dataset and not any(s in dataset for s in EVAL_SPLIT_NAMES):
-        raise ScriptError(f"the dataset has no train or validation split; its splits: {', '.join(dataset)}.")
-    splits = {}
-    if "train" in dataset:
-        splits["train"] = dataset["train"]
-    eval_name = next((name for name in EVAL_SPLIT_NAMES if name in dataset), None)
-    if eval_name is not None:
-        splits["validation"] = dataset[eval_name]
-    features = next(iter(splits.values())).features
-    image_column = _pick_column(
-        features, data_args.image_column_name, IMAGE_COLUMN_NAMES, datasets.Image, "--image_column_name"
-    )
-    label_column = _pick_column(
-        features, data_args.label_column_name, LABEL_COLUMN_NAMES, ClassLabel, "--label_column_name"
-    )
-    if not isinstance(features[image_column], datasets.Image):
-        raise ScriptError(f"column {image_column!r} does not hold images; give --image_column_name.")
-    dataset = DatasetDict(
-        {
-            split: data.select_columns([image_column, label_column]).rename_columns(
-                {image_column: "image", label_column: "label"}
-                if image_column != "image" or label_column != "label"
-                else {}
-            )
-            for split, data in splits.items()
-        }
-    )
-    dataset = _encode_labels(dataset)
-
-    if "validation" not in dataset and "train" in dataset and data_args.train_val_split > 0:
-        # Same seed in every process, so a distributed run agrees on the split.
-        split = dataset["train"].train_test_split(
-            test_size=data_args.train_val_split, seed=seed, stratify_by_column="label"
-        )
-        dataset = DatasetDict(train=split["train"], validation=split["test"])
-    # Decode in our transforms instead, so that an unreadable file is reported by name.
-    return dataset.cast_column("image", datasets.Image(decode=False))
-
-
-def _encode_labels(dataset: DatasetDict) -> DatasetDict:
-    """Make `label` a `ClassLabel` with one set of names for all splits (strings or ints sorted)."""
-    feature = next(iter(dataset.values())).features["label"]
-    if isinstance(feature, ClassLabel):
-        return dataset
-    values = sorted({value for data in dataset.values() for value in data["label"]}, key=str)
-    names = [str(value) for value in values]
-    index = {value: i for i, value in enumerate(values)}
-    new_features = next(iter(dataset.values())).features.copy()
-    new_features["label"] = ClassLabel(names=names)
-    return DatasetDict(
-        {
-            split: data.map(lambda batch: {"label": [index[v] for v in batch["label"]]}, batched=True).cast(
-                new_features
-            )
-            for split, data in dataset.items()
-        }
-    )
-
-
-def load_image_dataset(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int) -> DatasetDict:
-    if data_args.train_dir is not None or data_args.validation_dir is not None:
-        if data_args.dataset_name is not None:
-            raise ScriptError("give either --dataset_name or --train_dir/--validation_dir, not both.")
-        dataset = load_image_folders(data_args.train_dir, data_args.validation_dir, model_args.cache_dir)
-    elif data_args.dataset_name in (None, "digits"):
-        dataset = load_digits_dataset()
-    else:
-        dataset = load_named_dataset(
-            data_args.dataset_name, data_args.dataset_config_name, model_args.cache_dir, model_args.token
-        )
-    return prepare_splits(dataset, data_args, seed)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Transforms
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def decode_image(image: dict) -> Image.Image:
-    """An undecoded `datasets.Image` value (`{"path", "bytes"}`) as an RGB PIL image; grayscale, palette and RGBA
-    images are converted. An unreadable file raises `ScriptError` naming it."""
-    path, data = image.get("path"), image.get("bytes")
-    try:
-        decoded = Image.open(io.BytesIO(data) if data is not None else path)
-        decoded.load()
-    except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError and truncated files are OSErrors
-        raise ScriptError(f"cannot read image {path or '(embedded bytes)'}: {error}") from None
-    if decoded.mode == "P" and "transparency" in decoded.info:
-        decoded = decoded.convert("RGBA")  # PIL asks palette images with transparency to go through RGBA
-    return decoded if decoded.mode == "RGB" else decoded.convert("RGB")
-
-
-def build_transforms(image_size: int, augment: bool) -> tuple[Callable, Callable]:
-    """The original recipe: random resized crop (scale 0.05-1) + horizontal flip for training, a plain resize for
-    evaluation, pixels normalised with mean and std 0.5. Without augmentation both resize (digits: 8 px upsampled)."""
-    normalize = Normalize(mean=IMAGE_MEAN, std=IMAGE_STD)
-    resize = Resize((image_size, image_size))  # bilinear, as the saved image processor
-    eval_transform = Compose([resize, ToTensor(), normalize])
-    if not augment:
-        return eval_transform, eval_transform
-    train_transform = Compose(
-        [RandomResizedCrop((image_size, image_size), scale=(0.05, 1.0)), RandomHorizontalFlip(), ToTensor(), normalize]
-    )
-    return train_transform, eval_transform
-
-
-def with_transform(transform: Callable) -> Callable:
-    """A `set_transform` function: a batch of {"image", "label"} -> {"pixel_values", "labels"}."""
-
-    def apply(batch):
-        return {
-            "pixel_values": [transform(decode_image(image)) for image in batch["image"]],
-            "labels": batch["label"],
-        }
-
-    return apply
-
-
-def collate_fn(examples):
-    return {
-        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
-        "labels": torch.tensor([example["labels"] for example in examples]),
-    }
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):  # the one reliable test: root ignores permission bits
+            pass
+    except OSError as error:
+        raise ScriptError(f"--output_dir {output_dir!r} cannot be written: {error.strerror or error}.") from None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -513,19 +295,20 @@ def collate_fn(examples):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def load_checkpoint(model_args: ModelArguments) -> ConformerForImageClassification | None:
-    """The pretrained model to start from, as it was saved (None when training from scratch)."""
+def load_checkpoint(model_args: ModelArguments):
+    """The pretrained model to start from, as it was saved, and its image processor (None, None from scratch)."""
     if model_args.npz_path is not None:
         if not os.path.isfile(model_args.npz_path):
             raise ScriptError(f"--npz_path {model_args.npz_path!r} is not a file.")
-        from convert_npz_to_hf import convert_checkpoint  # only this code path needs the converter
+        from convert_npz_to_hf import convert_checkpoint, image_processor  # only this code path needs the converter
 
         try:  # the converter resamples the position embeddings itself when the size differs
-            return convert_checkpoint(model_args.npz_path, image_size=model_args.image_size)
+            model = convert_checkpoint(model_args.npz_path, image_size=model_args.image_size)
         except ValueError as error:
             raise ScriptError(f"cannot convert {model_args.npz_path!r}: {error}") from None
+        return model, image_processor(model.config)
     if model_args.model_name_or_path is None:
-        return None
+        return None, None
 
     path = model_args.model_name_or_path
     hub_kwargs = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token)
@@ -534,17 +317,27 @@ def load_checkpoint(model_args: ModelArguments) -> ConformerForImageClassificati
         model_type = config_dict.get("model_type")
         # Load in float32 whatever the checkpoint's dtype: the Trainer's fp16/bf16 keep float32 master weights.
         if model_type == "conformer":
-            return ConformerForImageClassification.from_pretrained(path, dtype=torch.float32, **hub_kwargs)
-        if model_type == "vit":
+            model = ConformerForImageClassification.from_pretrained(path, dtype=torch.float32, **hub_kwargs)
+        elif model_type == "vit":
             vit = transformers.ViTForImageClassification.from_pretrained(path, dtype=torch.float32, **hub_kwargs)
-            return ConformerForImageClassification.from_vit(vit)
+            model = ConformerForImageClassification.from_vit(vit)
+        else:
+            raise ScriptError(
+                f"--model_name_or_path {path!r} is a {model_type!r} model; a Conformer or a ViT is needed."
+            )
     except OSError as error:
         raise ScriptError(f"cannot load model {path!r}: {str(error).strip().splitlines()[0]}") from None
-    raise ScriptError(f"--model_name_or_path {path!r} is a {model_type!r} model; a Conformer or a ViT is needed.")
+    try:
+        processor = AutoImageProcessor.from_pretrained(path, **hub_kwargs)
+    except OSError:  # a folder without preprocessor_config.json
+        logger.warning(f"{path!r} has no image processor; using ViTImageProcessor's defaults.")
+        processor = None
+    return model, processor
 
 
 def build_config(base: ConformerConfig | None, model_args: ModelArguments, labels: list[str]) -> ConformerConfig:
-    """The training model's config: the checkpoint's (or a preset's), the dataset's labels, then the flags."""
+    """The training model's config: the checkpoint's (or a preset's), the dataset's labels, the flags, then
+    --config_overrides."""
     changes = {
         "image_size": model_args.image_size,
         "patch_size": model_args.patch_size,
@@ -553,30 +346,30 @@ def build_config(base: ConformerConfig | None, model_args: ModelArguments, label
         "classifier": model_args.classifier,
     }
     changes = {key: value for key, value in changes.items() if value is not None}
-    changes.update(parse_config_overrides(model_args.config_overrides))
-    label_fields = dict(
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
+    changes.update(
+        num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}
     )
     try:
-        if base is None:
-            return ConformerConfig.from_preset(model_args.model_type or "ViT-B_16", **label_fields, **changes)
-        config = copy.deepcopy(base)
-        for key, value in {**label_fields, **changes}.items():
+        config = copy.deepcopy(base or ConformerConfig.from_preset(model_args.model_type or "ViT-B_16"))
+        for key, value in changes.items():  # all set before any check: a new depth and its schedule go together
             setattr(config, key, value)
-        config.validate_conformer()
+        if model_args.config_overrides:
+            config.update_from_string(model_args.config_overrides)
+        config.validate_architecture()
         return config
-    except ValueError as error:
-        raise ScriptError(str(error)) from None
+    except (ValueError, TypeError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ScriptError(
+            f"--config_overrides {model_args.config_overrides!r}: {reason}" if "key" in reason else reason
+        ) from None
 
 
 def transfer_weights(
     source: ConformerForImageClassification, config: ConformerConfig, ignore_mismatched_sizes: bool
 ) -> ConformerForImageClassification:
-    """A model with `config`, holding `source`'s weights: position embeddings resampled to the new grid, and a new
-    zero-initialised head (no pre-logits layer) when the labels or the head type change, as the ViT paper transfers."""
-    new_head = source.config.num_labels != config.num_labels or source.config.classifier != config.classifier
+    """A model with `config`, holding `source`'s weights through `adapt_state_dict`: position embeddings resampled to
+    the new grid, and a zero classifier (no pre-logits layer) when the labels or the head type change, as the ViT paper
+    transfers."""
     if source.config.num_labels != config.num_labels and not ignore_mismatched_sizes:
         raise ScriptError(
             f"the checkpoint classifies {source.config.num_labels} labels and the dataset has {config.num_labels}; "
@@ -587,105 +380,203 @@ def transfer_weights(
             f"--patch_size {config.patch_size} differs from the checkpoint's {source.config.patch_size}; "
             "a pretrained patch embedding cannot change its patch size."
         )
-    if new_head:
-        config.representation_size = None
+    if source.config.num_labels != config.num_labels or source.config.classifier != config.classifier:
+        config.representation_size = None  # a new head starts without the pre-logits layer
     try:
         model = ConformerForImageClassification(config)
-    except ValueError as error:  # e.g. a merge schedule that removes more tokens than the new resolution has
+        model.load_state_dict(adapt_state_dict(source.state_dict(), model), strict=True)
+    except ValueError as error:  # weights that do not fit, or a merge schedule the new resolution cannot run
         raise ScriptError(str(error)) from None
-
-    state_dict = source.state_dict()
-    if new_head:
-        state_dict = {key: value for key, value in state_dict.items() if not key.startswith(HEAD_PREFIXES)}
-    grid = config.image_size // config.patch_size
-    if state_dict[POSITION_EMBEDDINGS].shape[1] != 1 + grid * grid:
-        logger.info(f"Resampling the position embeddings to a {grid}x{grid} grid (bilinear).")
-        state_dict[POSITION_EMBEDDINGS] = resample_position_embeddings(
-            state_dict[POSITION_EMBEDDINGS], (grid, grid), mode="bilinear"
-        )
-    target = model.state_dict()
-    mismatched = [k for k, v in state_dict.items() if k in target and target[k].shape != v.shape]
-    if mismatched:
-        raise ScriptError(
-            f"the checkpoint's weights do not fit the requested model ({', '.join(mismatched[:3])}"
-            f"{', ...' if len(mismatched) > 3 else ''}): don't change the width or depth of a pretrained model."
-        )
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    misfits = [key for key in missing + unexpected if not (new_head and key.startswith(HEAD_PREFIXES))]
-    if misfits:
-        raise ScriptError(f"the checkpoint's weights do not fit the model: {', '.join(misfits[:5])}")
-    if new_head and isinstance(model.classifier, torch.nn.Linear):
-        torch.nn.init.zeros_(model.classifier.weight)
-        torch.nn.init.zeros_(model.classifier.bias)
     return model
 
 
-def build_model(model_args: ModelArguments, labels: list[str]) -> ConformerForImageClassification:
+def build_model(model_args: ModelArguments, labels: list[str]):
+    """The model to train and its image processor, sized to the model's resolution."""
     sources = [model_args.model_name_or_path, model_args.npz_path, model_args.model_type]
     if sum(source is not None for source in sources) > 1:
         raise ScriptError("give one of --model_name_or_path, --npz_path or --model_type.")
-    source = load_checkpoint(model_args)
+    source, processor = load_checkpoint(model_args)
+    config = build_config(None if source is None else source.config, model_args, labels)
     if source is None:
-        config = build_config(None, model_args, labels)
         try:
-            return ConformerForImageClassification(config)
+            model = ConformerForImageClassification(config)
         except ValueError as error:
             raise ScriptError(str(error)) from None
-    return transfer_weights(source, build_config(source.config, model_args, labels), model_args.ignore_mismatched_sizes)
+    else:
+        model = transfer_weights(source, config, model_args.ignore_mismatched_sizes)
+    processor = processor or ViTImageProcessor()
+    processor.size = {"height": config.image_size, "width": config.image_size}
+    return model, processor
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Metric, checkpoints, plot
+# Checkpoints, metric, model card, plot
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_problem(folder: str) -> str | None:
+    """Why `folder` cannot be resumed from (None if it can): a missing or unreadable `trainer_state.json` (the Trainer
+    writes it last, so a run killed while saving has none), weights that do not open, a truncated optimizer file."""
+    try:
+        with open(os.path.join(folder, "trainer_state.json")) as file:
+            json.load(file)
+    except (OSError, ValueError) as error:
+        return f"trainer_state.json: {getattr(error, 'strerror', None) or error}"
+    weights = os.path.join(folder, "model.safetensors")
+    try:
+        with safe_open(weights, "pt"):
+            pass
+    except Exception as error:  # safetensors raises its own error type for a truncated or foreign file
+        return f"model.safetensors: {str(error).strip().splitlines()[0]}"
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path) and not zipfile.is_zipfile(path):  # torch.save writes zip archives
+            return f"{name} is truncated or not a torch file"
+    return None
+
+
+def find_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> str | None:
+    """`--resume_from_checkpoint PATH`, or `last`/`true` for the newest usable checkpoint in --output_dir; newer
+    ones that cannot be used are skipped, with a warning that says why."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint.lower() not in ("last", "true"):
+        if not os.path.isdir(resume_from_checkpoint):
+            raise ScriptError(f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a folder.")
+        problem = checkpoint_problem(resume_from_checkpoint)
+        if problem:
+            raise ScriptError(f"cannot resume from {resume_from_checkpoint!r}: {problem}.")
+        return resume_from_checkpoint
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    steps = sorted(
+        (
+            int(name.split("-")[1])
+            for name in names
+            if name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and name.split("-")[1].isdigit()
+        ),
+        reverse=True,
+    )
+    for step in steps:
+        folder = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        logger.warning(f"Skipping {folder}: it is incomplete or damaged ({problem}).")
+    raise ScriptError(f"--resume_from_checkpoint {resume_from_checkpoint}: no usable checkpoint in {output_dir!r}.")
+
+
+def warn_about_missing_state(checkpoint: str):
+    """The Trainer resumes silently without these files; say what it costs."""
+    if not os.path.exists(os.path.join(checkpoint, "optimizer.pt")):
+        logger.warning(
+            f"{checkpoint} has no optimizer.pt: the optimizer starts fresh (momentum and Adam moments lost)."
+        )
+    if not os.path.exists(os.path.join(checkpoint, LOSS_SUM_FILE)):
+        logger.warning(f"{checkpoint} has no {LOSS_SUM_FILE}: train_loss will average the resumed steps only.")
 
 
 def accuracy(predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
-    """`evaluate`'s accuracy (scikit-learn's `accuracy_score`): the fraction of exact matches."""
+    """`evaluate`'s accuracy (scikit-learn's `accuracy_score`), computed here so that training never needs a
+    download (`evaluate.load` fetches the metric's script from the Hub)."""
     return {"accuracy": float(np.mean(np.asarray(predictions) == np.asarray(references)))}
 
 
-def load_accuracy() -> Callable[[np.ndarray, np.ndarray], dict[str, float]]:
-    """`evaluate.load("accuracy")` when the Hub can be reached; offline (`HF_HUB_OFFLINE=1`), or if the download
-    fails, the same computation done here, so that training never depends on a download."""
-    from huggingface_hub import constants
-
-    if not constants.HF_HUB_OFFLINE:
-        try:
-            import evaluate
-
-            metric = evaluate.load("accuracy")
-            return lambda predictions, references: metric.compute(predictions=predictions, references=references)
-        except Exception as error:  # network, Hub and cache errors alike: fall back, the numbers are identical
-            logger.warning(f"evaluate.load('accuracy') failed ({type(error).__name__}); computing accuracy locally.")
-    return accuracy
+def compute_metrics(prediction) -> dict[str, float]:
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    return accuracy(np.argmax(logits, axis=-1), prediction.label_ids)
 
 
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest `checkpoint-N` folder whose `trainer_state.json` (the Trainer writes it last) exists: a run killed
-    while saving leaves an incomplete folder behind."""
-    if not os.path.isdir(output_dir):
+CARD_TEXT = """# {name}
+
+A Conformer ({config.num_hidden_layers} layers, width {config.hidden_size}, {config.image_size} px, {merging}, \
+`{config.classifier}` classifier) {origin} on `{dataset}` with `run_image_classification.py`: {score} on its \
+validation split.
+
+Training: {args.max_steps} steps of {batch} images, `{args.optim}` at learning rate {args.learning_rate} \
+({args.lr_scheduler_type} schedule, {args.warmup_steps} warmup steps), weight decay {args.weight_decay}, \
+seed {args.seed}.
+
+```python
+from transformers import pipeline
+
+classify = pipeline("image-classification", model="{name}", trust_remote_code=True)
+```
+"""
+
+
+class ConformerTrainer(Trainer):
+    """`Trainer` whose checkpoints also keep the sum of all training losses so far, so that a resumed run reports the
+    mean loss of all its steps (the Trainer's own `train_loss` counts only the steps since the resume), and whose
+    model card names the base model and dataset and carries the evaluation result."""
+
+    card_facts: dict = {}
+    loss_sum_before_resume = 0.0
+
+    def _save_checkpoint(self, model, trial):
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:  # written first: trainer_state.json, written last, marks the checkpoint complete
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, LOSS_SUM_FILE), "w") as file:
+                json.dump({"global_step": self.state.global_step, "loss_sum": self.loss_sum()}, file)
+        super()._save_checkpoint(model, trial)
+
+    def loss_sum(self) -> float:
+        """The sum over all optimizer steps so far of their training loss (what has been logged plus what has not)."""
+        return self.loss_sum_before_resume + self._total_loss_scalar + self._tr_loss.item()
+
+    def resume_loss_sum(self, checkpoint: str):
+        path = os.path.join(checkpoint, LOSS_SUM_FILE)
+        if os.path.exists(path):
+            with open(path) as file:
+                self.loss_sum_before_resume = json.load(file)["loss_sum"]
+
+    def create_model_card(self, **kwargs):
+        if self.is_world_process_zero():
+            write_model_card(self.args, eval_results=self.state.log_history, **self.card_facts)
+
+
+def _hub_id(name: str | None) -> str | None:
+    """`name` when it can be a Hub repository id (not a local path), else None."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name or os.path.exists(name):
         return None
-    steps = []
-    for name in os.listdir(output_dir):
-        prefix, _, step = name.partition("-")
-        complete = os.path.isfile(os.path.join(output_dir, name, "trainer_state.json"))
-        if prefix == "checkpoint" and step.isdigit() and complete:
-            steps.append(int(step))
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
-
-
-def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> str | None:
-    """`--resume_from_checkpoint PATH`, or `last`/`true` for the newest complete checkpoint in --output_dir."""
-    if resume_from_checkpoint is None:
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
         return None
-    if resume_from_checkpoint.lower() in ("last", "true"):
-        checkpoint = last_complete_checkpoint(output_dir)
-        if checkpoint is None:
-            raise ScriptError(f"--resume_from_checkpoint {resume_from_checkpoint}: no checkpoint in {output_dir!r}.")
-        return checkpoint
-    if not os.path.isdir(resume_from_checkpoint):
-        raise ScriptError(f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a folder.")
-    return resume_from_checkpoint
+    return name
+
+
+def write_model_card(args: TrainingArguments, eval_results: list[dict], base_model: str | None, dataset: str, config):
+    """README.md with the Hub's metadata (`base_model`, `datasets`, a `model-index` with the evaluation accuracy) and
+    a short text saying what was trained from what, on what, and how to load it."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    name = os.path.basename(os.path.normpath(args.output_dir))
+    evaluation = next((entry for entry in reversed(eval_results) if "eval_accuracy" in entry), None)
+    results = []
+    if evaluation is not None:
+        results.append(
+            EvalResult(
+                task_type="image-classification", task_name="Image classification", dataset_type=dataset,
+                dataset_name=dataset, dataset_split="validation", metric_type="accuracy", metric_name="Accuracy",
+                metric_value=round(evaluation["eval_accuracy"], 4),
+            )
+        )  # fmt: skip
+    data = ModelCardData(
+        model_name=name, base_model=_hub_id(base_model), datasets=[dataset] if _hub_id(dataset) else None,
+        license="apache-2.0", library_name="transformers", pipeline_tag="image-classification",
+        tags=["image-classification", "vision", "conformer", "token-merging"], eval_results=results or None,
+    )  # fmt: skip
+    merging = f"`{config.merge_mode}` merging, r = {config.merge_r}" if config.merge_mode != "none" else "no merging"
+    text = CARD_TEXT.format(
+        name=name, config=config, merging=merging, dataset=dataset, args=args,
+        origin=f"fine-tuned from `{base_model}`" if base_model else "trained from scratch",
+        score=f"{evaluation['eval_accuracy']:.4f} accuracy" if evaluation else "no evaluation",
+        batch=args.train_batch_size * args.world_size * args.gradient_accumulation_steps,
+    )  # fmt: skip
+    ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}").save(os.path.join(args.output_dir, "README.md"))
 
 
 def plot_training_curves(log_history: list[dict], path: str):
@@ -713,6 +604,24 @@ def plot_training_curves(log_history: list[dict], path: str):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def load_dataset_for_training(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int):
+    dataset = image_data.load_image_dataset(
+        dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
+        train_dir=data_args.train_dir, validation_dir=data_args.validation_dir,
+        image_column=data_args.image_column_name, label_column=data_args.label_column_name,
+        train_val_split=data_args.train_val_split, seed=seed, cache_dir=model_args.cache_dir, token=model_args.token,
+    )  # fmt: skip
+    labels = next(iter(dataset.values())).features["label"].names
+    if len(labels) < 2:
+        raise ScriptError(
+            f"the dataset has {len(labels)} class(es) ({', '.join(labels)}); classification needs two or more."
+        )
+    for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
+        if split in dataset and limit is not None and limit < len(dataset[split]):
+            dataset[split] = dataset[split].shuffle(seed=seed).select(range(limit))
+    return dataset, labels
+
+
 def train(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: ConformerTrainingArguments):
     if training_args.should_log:
         transformers.utils.logging.set_verbosity_info()
@@ -726,83 +635,69 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments, training
         f"{training_args.train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps} "
         f"({training_args.gradient_accumulation_steps} accumulation step(s))."
     )
-    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    check_output_dir(training_args.output_dir)
+    checkpoint = find_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
     with training_args.main_process_first(desc="loading the dataset"):
-        dataset = load_image_dataset(data_args, model_args, training_args.seed)
-    if training_args.do_train and "train" not in dataset:
-        raise ScriptError("training needs a train split: give --train_dir or a dataset with one.")
-    if training_args.do_eval and "validation" not in dataset:
-        raise ScriptError(
-            "evaluation needs a validation split: give --validation_dir or --train_val_split > 0, or --do_eval False."
-        )
-    labels = next(iter(dataset.values())).features["label"].names
+        dataset, labels = load_dataset_for_training(data_args, model_args, training_args.seed)
+    for split, needed, hint in (
+        ("train", training_args.do_train, "give --train_dir or a dataset with one"),
+        ("validation", training_args.do_eval, "give --validation_dir or --train_val_split > 0, or --do_eval False"),
+    ):
+        if needed and split not in dataset:
+            raise ScriptError(f"{'training' if split == 'train' else 'evaluation'} needs a {split} split: {hint}.")
 
     set_seed(training_args.seed)
-    model = build_model(model_args, labels)
-    image_size = model.config.image_size
-    uses_folders = data_args.train_dir is not None or data_args.validation_dir is not None
-    uses_digits = data_args.dataset_name in (None, "digits") and not uses_folders
+    model, image_processor = build_model(model_args, labels)
+    uses_digits = data_args.dataset_name in (None, "digits") and not (data_args.train_dir or data_args.validation_dir)
     augment = data_args.augment if data_args.augment is not None else not uses_digits
-    train_transform, eval_transform = build_transforms(image_size, augment)
-    for split, limit, transform in (
-        ("train", data_args.max_train_samples, train_transform),
-        ("validation", data_args.max_eval_samples, eval_transform),
-    ):
-        if split not in dataset:
-            continue
-        if limit is not None and limit < len(dataset[split]):
-            dataset[split] = dataset[split].shuffle(seed=training_args.seed).select(range(limit))
-        dataset[split].set_transform(with_transform(transform))
-
-    # Saved with the model, so that the output folder works with `pipeline("image-classification", ...)`.
-    image_processor = ViTImageProcessor(
-        size={"height": image_size, "width": image_size},
-        resample=PILImageResampling.BILINEAR,
-        image_mean=IMAGE_MEAN,
-        image_std=IMAGE_STD,
+    transforms = build_transforms(
+        processor_size(image_processor), augment, image_processor.image_mean, image_processor.image_std
     )
-    compute_accuracy = load_accuracy()
-
-    def compute_metrics(prediction):
-        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        return compute_accuracy(np.argmax(logits, axis=-1), prediction.label_ids)
-
-    trainer = Trainer(
+    splits = {
+        split: TransformedDataset(dataset[split], transform, seed=training_args.seed)
+        for split, transform in zip(("train", "validation"), transforms)
+        if split in dataset
+    }
+    trainer = ConformerTrainer(
         model=model,
         args=training_args,
-        train_dataset=dataset["train"] if training_args.do_train else None,
-        eval_dataset=dataset["validation"] if training_args.do_eval else None,
+        train_dataset=splits.get("train") if training_args.do_train else None,
+        eval_dataset=splits.get("validation") if training_args.do_eval else None,
         compute_metrics=compute_metrics,
-        processing_class=image_processor,
+        processing_class=image_processor,  # saved with the model, so that `pipeline()` reads the folder
         data_collator=collate_fn,
+    )
+    trainer.card_facts = dict(
+        base_model=model_args.model_name_or_path or model_args.npz_path,
+        dataset=data_args.dataset_name or data_args.train_dir or "digits",
+        config=model.config,
     )
 
     logger.info(f"Distributed mode: {trainer.accelerator.distributed_type.value}.")
     if training_args.do_train:
+        if checkpoint is not None:
+            warn_about_missing_state(checkpoint)
+            trainer.resume_loss_sum(checkpoint)
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
-        metrics = {**train_result.metrics, "train_samples": len(dataset["train"])}
+        metrics = {**train_result.metrics, "train_samples": len(splits["train"])}
+        metrics["train_loss"] = trainer.loss_sum() / max(trainer.state.global_step, 1)  # all steps, resumed or not
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
     if training_args.do_eval:
-        metrics = {**trainer.evaluate(), "eval_samples": len(dataset["validation"])}
+        metrics = {**trainer.evaluate(), "eval_samples": len(splits["validation"])}
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 
-    card = {
-        "finetuned_from": model_args.model_name_or_path or model_args.npz_path,  # None: trained from scratch
-        "tasks": "image-classification",
-        "dataset": data_args.dataset_name or data_args.train_dir or "digits",
-        "tags": ["image-classification", "vision", "conformer", "token-merging"],
-    }
     if training_args.push_to_hub:
-        trainer.push_to_hub(**card)
+        trainer.push_to_hub()  # writes the model card first
     else:
-        trainer.create_model_card(**card)
+        trainer.create_model_card()
     if training_args.do_train and trainer.is_world_process_zero():
         plot_training_curves(trainer.state.log_history, os.path.join(training_args.output_dir, "training_curves.png"))
+    trainer.accelerator.wait_for_everyone()  # no process may tear down the process group while another still uses it
 
 
 def main(args: list[str] | None = None) -> int:
@@ -818,14 +713,18 @@ def main(args: list[str] | None = None) -> int:
         if training_args.cpu_threads is not None:
             torch.set_num_threads(training_args.cpu_threads)
         train(model_args, data_args, training_args)
-    except ScriptError as error:
+    except (ScriptError, DataError) as error:
         # Raised in a DataLoader worker, the message carries the worker's traceback; its last line is ours.
         message = str(error).strip().splitlines()[-1]
-        print(f"error: {message.split('ScriptError: ', 1)[-1]}", file=sys.stderr)
+        print(f"error: {message.split('Error: ', 1)[-1]}", file=sys.stderr)
         return 2
     finally:  # when called in-process (tests), leave the caller's settings as they were
         logging.getLogger().removeHandler(handler)
         torch.set_num_threads(threads)
+        # A gloo process group left to interpreter exit can abort the process ("terminate called without an active
+        # exception"): destroy it here, after every process has passed the barrier at the end of `train`.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -3,11 +3,10 @@ the three ways to get a model, resuming a killed run and a two-process `accelera
 
 import json
 import os
-import signal
+import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import datasets
@@ -124,43 +123,27 @@ def test_missing_output_dir_is_an_error(capsys):
     assert "--output_dir is required" in expect_error(capsys, "--max_steps", "1")
 
 
-def test_accuracy_matches_evaluates_definition_without_a_download():
+def test_accuracy_is_scikit_learns_without_a_download():
     rng = np.random.default_rng(0)
     predictions, references = rng.integers(0, 5, 200), rng.integers(0, 5, 200)
-    metric = script.load_accuracy()  # offline: the local computation, no download attempted
-    assert metric(predictions, references) == {"accuracy": accuracy_score(references, predictions)}
+    assert script.accuracy(predictions, references) == {"accuracy": accuracy_score(references, predictions)}
 
 
-def test_config_overrides_parse_python_literals_and_reject_unknown_fields():
-    overrides = script.parse_config_overrides("hidden_size=96, merge_r=[4,4,2], classifier=gap, qkv_bias=false")
-    assert overrides == {"hidden_size": 96, "merge_r": [4, 4, 2], "classifier": "gap", "qkv_bias": False}
-    with pytest.raises(script.ScriptError, match="not a ConformerConfig field"):
-        script.parse_config_overrides("hidden=96")
-    assert script.parse_merge_r("8,8,4") == [8, 8, 4] and script.parse_merge_r("8") == 8
+def test_config_overrides_use_transformers_parsing_and_reject_unknown_fields(capsys, tmp_path):
+    model_args = script.ModelArguments(
+        model_type="ViT-Ti_16", merge_mode="ward", merge_r="1,2",
+        config_overrides="hidden_size=96,num_hidden_layers=2,classifier=gap,qkv_bias=false",
+    )  # fmt: skip
+    config = script.build_config(None, model_args, labels=["a", "b"])
+    assert (config.hidden_size, config.num_hidden_layers, config.classifier, config.qkv_bias) == (96, 2, "gap", False)
+    assert (config.merge_mode, config.merge_r, config.id2label) == ("ward", [1, 2], {0: "a", 1: "b"})
+    err = expect_error(capsys, "--output_dir", tmp_path, *QUICK, "--config_overrides", "hidden=96")
+    assert "hidden" in err and "isn't in the original config" in err
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def test_digits_are_rgb_images_with_a_fixed_stratified_split():
-    first, second = script.load_digits_dataset(), script.load_digits_dataset()
-    assert (len(first["train"]), len(first["validation"])) == (1437, 360)
-    assert first["train"].features["label"].names == [str(d) for d in range(10)]
-    assert first["validation"]["label"] == second["validation"]["label"]  # every process builds the same split
-    image = first["train"][0]["image"]
-    assert image.mode == "RGB" and image.size == (8, 8)
-    assert np.bincount(first["validation"]["label"]).min() >= 35  # stratified: every digit is evaluated
-
-
-@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "LA", "I;16", "CMYK"])
-def test_any_image_mode_is_decoded_as_rgb(tmp_path, mode):
-    suffix = ".jpg" if mode == "CMYK" else ".png"
-    path = save_png(tmp_path / f"image{suffix}", mode)
-    image = script.decode_image({"path": str(path), "bytes": None})
-    assert image.mode == "RGB" and image.size == (12, 10)
-    assert script.decode_image({"path": None, "bytes": path.read_bytes()}).mode == "RGB"
 
 
 def test_unknown_dataset_name_is_one_line(tmp_path, capsys):
@@ -278,7 +261,7 @@ def test_transformers_vit_gets_merging_a_new_head_and_resampled_positions(vit_fo
         model_name_or_path=str(vit_folder), image_size=32, merge_mode="bipartite", merge_r="4",
         ignore_mismatched_sizes=True,
     )  # fmt: skip
-    model = script.build_model(model_args, labels=[str(d) for d in range(10)])
+    model, processor = script.build_model(model_args, labels=[str(d) for d in range(10)])
     vit = ViTForImageClassification.from_pretrained(vit_folder)
 
     assert (model.config.image_size, model.config.num_labels, model.config.merge_mode) == (32, 10, "bipartite")
@@ -288,6 +271,7 @@ def test_transformers_vit_gets_merging_a_new_head_and_resampled_positions(vit_fo
         model.conformer.layers[1].attention.q_proj.weight, vit.vit.layers[1].attention.q_proj.weight
     )
     assert not model.classifier.weight.any() and not model.classifier.bias.any()  # the paper's zero-initialised head
+    assert processor.size == {"height": 32, "width": 32}  # the image processor follows the new resolution
 
 
 def test_transformers_vit_folder_trains_end_to_end(vit_folder, tmp_path, capsys):
@@ -351,7 +335,7 @@ def test_npz_checkpoint_is_converted_on_the_fly(tmp_path):
     assert run_main(*args, "--merge_r", "3", "--output_dir", output, *QUICK) == 0
     assert "eval_accuracy" in results(output)
 
-    model = script.build_model(
+    model, _ = script.build_model(
         script.ModelArguments(npz_path=str(npz), image_size=24, ignore_mismatched_sizes=True), labels=list("abcdefghij")
     )
     reference = convert_checkpoint(str(npz), image_size=24)
@@ -367,54 +351,74 @@ def test_npz_checkpoint_is_converted_on_the_fly(tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_last_complete_checkpoint_skips_one_killed_while_saving(tmp_path):
-    for step, complete in ((5, True), (10, True), (15, False)):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        if complete:
-            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    assert script.last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+RESUMABLE = [*TINY_MODEL, *QUICK, "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3"]
+RESUMABLE += ["--logging_steps", "1", "--per_device_train_batch_size", "4", "--total_batch_size", "4"]
+RESUMABLE += ["--augment", "True", "--max_train_samples", "64"]
 
 
-def test_killed_run_resumes_from_its_last_checkpoint_and_ends_at_the_same_step(tmp_path):
-    output = tmp_path / "run"
-    total_steps = 150
-    args = ["--output_dir", output, *TINY_MODEL, *QUICK, "--max_steps", total_steps, "--save_strategy", "steps"]
-    args += [
-        "--save_steps",
-        "5",
-        "--save_total_limit",
-        "2",
-        "--per_device_train_batch_size",
-        "4",
-        "--total_batch_size",
-        "4",
-    ]
-    args = [str(arg) for arg in args]
-    run = subprocess.Popen(
-        [PYTHON, str(REPO / "run_image_classification.py"), *args],
-        env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 240
-    try:
-        while script.last_complete_checkpoint(output) is None and run.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        run.send_signal(signal.SIGKILL)
-        run.wait()
-    assert run.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert not (output / "all_results.json").exists()
-    killed_at = int(script.last_complete_checkpoint(output).rsplit("-", 1)[1])
-    assert killed_at < total_steps
-
-    assert script.main([*args, "--resume_from_checkpoint", "last"]) == 0
-    state = json.loads((output / "trainer_state.json").read_text())
-    assert state["global_step"] == total_steps
-    assert (output / f"checkpoint-{total_steps}").is_dir()
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+    """Six augmented steps with checkpoints at steps 3 and 6: the reference for every resumed run."""
+    output = tmp_path_factory.mktemp("uninterrupted")
+    assert script.main([str(arg) for arg in ["--output_dir", output, *RESUMABLE]]) == 0
+    return output
 
 
-def test_resume_from_a_missing_checkpoint_is_an_error(tmp_path, capsys):
-    err = expect_error(capsys, "--output_dir", tmp_path, "--resume_from_checkpoint", "last", *TINY_MODEL, *QUICK)
-    assert "no checkpoint" in err
+def step_losses(output) -> dict[int, float]:
+    history = json.loads((Path(output) / "trainer_state.json").read_text())["log_history"]
+    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+
+def weights(output) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(Path(output) / "model.safetensors")
+
+
+def resumed_from_step_3(uninterrupted_run, output):
+    output.mkdir()
+    shutil.copytree(uninterrupted_run / "checkpoint-3", output / "checkpoint-3")
+    return output
+
+
+def test_resumed_augmented_run_reproduces_the_uninterrupted_losses_and_weights(uninterrupted_run, tmp_path):
+    output = resumed_from_step_3(uninterrupted_run, tmp_path / "resumed")
+    assert run_main("--output_dir", output, *RESUMABLE, "--resume_from_checkpoint", "last") == 0
+    expected = step_losses(uninterrupted_run)
+    assert step_losses(output) == expected and sorted(expected) == [1, 2, 3, 4, 5, 6]
+    reference = weights(uninterrupted_run)
+    assert all(torch.equal(tensor, reference[key]) for key, tensor in weights(output).items())
+    # train_loss averages all six steps (the Trainer's own would average steps 4-6 only)
+    assert results(output)["train_loss"] == pytest.approx(results(uninterrupted_run)["train_loss"], rel=1e-12)
+    assert results(output)["train_loss"] == pytest.approx(np.mean(list(expected.values())), abs=1e-4)
+
+
+def test_damaged_newest_checkpoint_is_skipped_with_a_warning(uninterrupted_run, tmp_path, capsys):
+    output = resumed_from_step_3(uninterrupted_run, tmp_path / "resumed")
+    shutil.copytree(uninterrupted_run / "checkpoint-6", output / "checkpoint-5")
+    weights_file = output / "checkpoint-5" / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:-100])  # cut short, as by a full disk
+    assert run_main("--output_dir", output, *RESUMABLE, "--resume_from_checkpoint", "last") == 0
+    out = capsys.readouterr().out
+    assert "Skipping" in out and "checkpoint-5" in out and "model.safetensors" in out
+    assert step_losses(output) == step_losses(uninterrupted_run)  # resumed from checkpoint-3
+
+
+def test_missing_optimizer_state_is_reported_and_training_goes_on(uninterrupted_run, tmp_path, capsys):
+    output = resumed_from_step_3(uninterrupted_run, tmp_path / "resumed")
+    (output / "checkpoint-3" / "optimizer.pt").unlink()
+    assert run_main("--output_dir", output, *RESUMABLE, "--resume_from_checkpoint", "last") == 0
+    assert "no optimizer.pt: the optimizer starts fresh" in capsys.readouterr().out
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 6
+
+
+def test_resume_without_a_usable_checkpoint_is_an_error(tmp_path, capsys):
+    assert "no usable checkpoint" in expect_error(
+        capsys, "--output_dir", tmp_path, "--resume_from_checkpoint", "last", *TINY_MODEL, *QUICK
+    )
+    (tmp_path / "checkpoint-4").mkdir()  # killed before trainer_state.json was written
+    err = expect_error(capsys, "--output_dir", tmp_path, "--resume_from_checkpoint", tmp_path / "checkpoint-4", *QUICK)
+    assert "cannot resume from" in err and "trainer_state.json" in err
 
 
 def free_port() -> int:
