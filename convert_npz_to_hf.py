@@ -4,21 +4,21 @@
     python convert_npz_to_hf.py --npz_path R50+ViT-B_16.npz --output_dir r50-vit-b16 --image_size 384 --num_labels 10
     python convert_npz_to_hf.py --write_model_cards model_cards   # regenerate the cards of the released checkpoints
 
-Data flows one way: read the npz (never unpickling) -> read the architecture from the arrays' shapes -> map every
-array through one table of (npz key, our key, transform) -> `save_pretrained` + image processor + model card.
-Everything checkable is checked before anything is written, and the folder is assembled next to `--output_dir` and
-moved into place only once it is complete (and verified, with `--verify`).
+Data flows one way: read the npz (never unpickling, only the arrays the model needs) -> read the architecture from
+the arrays' shapes -> map every array through one table of (npz key, our key, transform) -> `adapt_state_dict`
+(position embeddings resampled, a head that does not fit replaced) -> `save_pretrained` + image processor + model
+card. The folder is assembled beside `--output_dir` and moved into place only once it is complete (and verified).
 """
 
 import argparse
 import json
 import math
+import os
 import re
-import shutil
 import sys
-import tempfile
 import zipfile
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -26,9 +26,10 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
-from configuration_conformer import PRESETS, ConformerConfig
-from modeling_conformer import ConformerForImageClassification, max_merge_r, resample_position_embeddings
+from configuration_conformer import CLASSIFIERS, MERGE_MODES, PRESETS, ConformerConfig
+from modeling_conformer import ConformerForImageClassification, adapt_state_dict, merge_schedule
 
 REPO_DIR = Path(__file__).resolve().parent
 CARD_TEMPLATE = REPO_DIR / "model_cards" / "template.md"
@@ -38,45 +39,34 @@ IMAGENET_21K_CLASSES = 21843  # Google's ImageNet-21k label set (the released ch
 SEED_CHECKPOINTS = ("ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32", "ViT-H_14", "R50-ViT-B_16")
 # Google's names use "R50+ViT-B_16"; our preset (and card file) names avoid the "+".
 UPSTREAM_FILE_NAMES = {"R50-ViT-B_16": "R50+ViT-B_16"}
-MODEL_TYPE_ALIASES = {google: ours for ours, google in UPSTREAM_FILE_NAMES.items()}
-
+README_URL = "https://github.com/google-research/vision_transformer"
 # ImageNet-1k top-1 (%) of Google's released ImageNet-21k -> ImageNet-2012 fine-tuned checkpoints, keyed by
-# (model type, fine-tuning resolution): only numbers Google states for those very files, with their source. The ViT
-# paper's per-model tables (Dosovitskiy et al., 2021) are left out until someone checks them against the paper.
+# (model type, fine-tuning resolution): only numbers Google states for those very files, with their source.
 UPSTREAM_ACCURACY = {
-    ("ViT-B_16", 224): (
-        81.2,
-        "google-research/vision_transformer README (the '-224' checkpoints)",
-        "https://github.com/google-research/vision_transformer",
-    ),
-    ("ViT-L_16", 224): (
-        82.7,
-        "google-research/vision_transformer README (the '-224' checkpoints)",
-        "https://github.com/google-research/vision_transformer",
-    ),
+    ("ViT-B_16", 224): (81.2, "google-research/vision_transformer README (the '-224' checkpoints)", README_URL),
+    ("ViT-L_16", 224): (82.7, "google-research/vision_transformer README (the '-224' checkpoints)", README_URL),
     ("R50-ViT-B_16", 384): (
         85.082,
         "google-research/vision_transformer issue #39 (maintainer's answer)",
-        "https://github.com/google-research/vision_transformer/issues/39",
+        f"{README_URL}/issues/39",
     ),
 }
-
 # Config fields the checkpoint decides; `**overrides` may set anything else (merging, classifier, dropout).
-ARCHITECTURE_FIELDS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "patch_size",
-    "num_channels",
-    "backbone_depths",
-    "layer_norm_eps",
-    "qkv_bias",
-)
+ARCHITECTURE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size")
+ARCHITECTURE_FIELDS += ("num_channels", "backbone_depths", "layer_norm_eps", "qkv_bias")
+# Exactly what a conversion writes: `--overwrite` replaces a folder holding these and nothing else.
+CONVERTED_FILES = ("README.md", "config.json", "configuration_conformer.py", "model.safetensors")
+CONVERTED_FILES += ("modeling_conformer.py", "preprocessor_config.json")
+STAGING_MARK = ".converting-"  # staging folders: `.{output name}.converting-{pid}` beside the output
 
 
 class ConversionError(ValueError):
-    """Bad input: the command line prints its message as one line and exits with status 2."""
+    """Bad input: the command line prints its message as one `error:` line and exits with status 2."""
+
+
+def machine_memory() -> int:
+    """Bytes of physical memory: no array of a checkpoint this machine converts can be larger."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -84,37 +74,58 @@ class ConversionError(ValueError):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def load_npz(path) -> dict[str, np.ndarray]:
-    """All arrays of an `.npz` file as float32, loaded with `allow_pickle=False`: a checkpoint never runs code."""
+def _npy_header(archive: zipfile.ZipFile, member: str) -> tuple[tuple, np.dtype]:
+    """Shape and dtype an entry declares, read from its `.npy` header (only its first bytes are decompressed)."""
+    with archive.open(member) as stream:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    return shape, dtype
+
+
+def load_npz(path) -> np.lib.npyio.NpzFile:
+    """`np.load(path, allow_pickle=False)` once every entry's header declares floats of a size this machine can hold.
+
+    Entries are decompressed only when read, so the arrays a conversion does not use are never decompressed.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: no such file")
     with path.open("rb") as handle:
-        magic = handle.read(4)
-    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip archive of .npy files, as numpy.savez writes
-        raise ConversionError(f"{path} is not an .npz archive (numpy.savez's zip of .npy arrays)")
-    params = {}
+        if handle.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip archive of .npy files, as numpy.savez writes
+            raise ConversionError(f"{path} is not an .npz archive (numpy.savez's zip of .npy arrays)")
+    memory = machine_memory()
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            for key in archive.files:
-                try:
-                    array = archive[key]
-                except ValueError as error:
-                    if "allow_pickle" in str(error):
-                        raise ConversionError(
-                            f"{path}: `{key}` is an object array; refusing to unpickle it (a checkpoint holds numbers)"
-                        ) from None
-                    raise
-                if array.dtype.kind != "f":
-                    raise ConversionError(f"{path}: `{key}` has dtype {array.dtype}; expected floating-point weights")
-                params[key] = array.astype(np.float32, copy=False)
+        archive = np.load(path, allow_pickle=False)
+        try:
+            if not archive.files:
+                raise ConversionError(f"{path} holds no arrays")
+            for member in archive.zip.namelist():
+                key = member.removesuffix(".npy")
+                if key == member:
+                    raise ConversionError(f"{path}: `{member}` is not an .npy array")
+                shape, dtype = _npy_header(archive.zip, member)
+                if dtype.hasobject:
+                    raise ConversionError(
+                        f"{path}: `{key}` is an object array; refusing to unpickle it (a checkpoint holds numbers)"
+                    )
+                if dtype.kind != "f":
+                    raise ConversionError(f"{path}: `{key}` has dtype {dtype}; expected floating-point weights")
+                if math.prod(shape) * dtype.itemsize > memory:
+                    raise ConversionError(
+                        f"{path}: `{key}` declares shape {shape} ({math.prod(shape) * dtype.itemsize / 2**30:.3g} "
+                        f"GiB), more than this machine's {memory / 2**30:.3g} GiB of memory: not a checkpoint to read"
+                    )
+        except BaseException:
+            archive.close()
+            raise
     except ConversionError:
         raise
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as error:
         raise ConversionError(f"{path} is truncated or corrupt ({type(error).__name__}: {error})") from None
-    if not params:
-        raise ConversionError(f"{path} holds no arrays")
-    return params
+    return archive
 
 
 @dataclass(frozen=True)
@@ -141,7 +152,7 @@ BIG_VISION_NAMES = {
 }
 
 
-def detect_layout(params: dict) -> Layout:
+def detect_layout(params: Mapping) -> Layout:
     prefix = next((p for p in ("", "opt/target/", "params/") if f"{p}embedding/kernel" in params), None)
     if prefix is None:
         raise ConversionError(
@@ -153,12 +164,15 @@ def detect_layout(params: dict) -> Layout:
 
 
 class CheckpointReader:
-    """Reads arrays by their names in Google's original layout from either layout; errors name the file's own key."""
+    """Reads arrays by their names in Google's original layout from either layout; errors name the file's own key.
 
-    def __init__(self, params: dict[str, np.ndarray]):
+    Each array is read once, as float32, and only when asked for.
+    """
+
+    def __init__(self, params: Mapping[str, np.ndarray]):
         self.params = params
         self.layout = detect_layout(params)
-        self.used = set()
+        self.arrays = {}
 
     def npz_key(self, key: str, layer: int | None = None) -> str:
         """The file's key for `key` (original names; a layer's keys relative to its block)."""
@@ -166,19 +180,30 @@ class CheckpointReader:
             for original, renamed in BIG_VISION_NAMES.items():
                 key = key.replace(original, renamed)
         if layer is not None:
-            block = "Transformer/encoderblock/" if self.layout.stacked else f"Transformer/encoderblock_{layer}/"
-            key = block + key
+            key = ("Transformer/encoderblock/" if self.layout.stacked else f"Transformer/encoderblock_{layer}/") + key
         return self.layout.prefix + key
 
-    def has(self, key: str, layer: int | None = None) -> bool:
-        return self.npz_key(key, layer) in self.params
+    def has(self, key: str) -> bool:
+        return self.npz_key(key) in self.params
+
+    def _read(self, npz_key: str) -> np.ndarray:
+        if npz_key not in self.arrays:
+            try:
+                array = np.asarray(self.params[npz_key], dtype=np.float32)
+            except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as error:
+                raise ConversionError(
+                    f"`{npz_key}` is truncated or corrupt ({type(error).__name__}: {error})"
+                ) from None
+            if array.ndim == 0:
+                raise ConversionError(f"`{npz_key}` is a scalar (a 0-d array); a weight has at least one axis")
+            self.arrays[npz_key] = array
+        return self.arrays[npz_key]
 
     def get(self, key: str, layer: int | None = None) -> np.ndarray:
         npz_key = self.npz_key(key, layer)
         if npz_key not in self.params:
             raise ConversionError(f"missing key `{npz_key}`")
-        self.used.add(npz_key)
-        array = self.params[npz_key]
+        array = self._read(npz_key)
         if layer is not None and self.layout.stacked:
             if array.shape[0] <= layer:
                 raise ConversionError(f"`{npz_key}` stacks {array.shape[0]} layers, but layer {layer} is needed")
@@ -187,12 +212,15 @@ class CheckpointReader:
 
     def num_layers(self) -> int:
         if self.layout.stacked:
-            return self.params[self.npz_key("LayerNorm_0/scale", 0)].shape[0]
+            return self._read(self.npz_key("LayerNorm_0/scale", 0)).shape[0]
         pattern = re.compile(re.escape(self.layout.prefix) + r"Transformer/encoderblock_(\d+)/")
         indices = {int(m.group(1)) for m in map(pattern.match, self.params) if m}
         if not indices:
             raise ConversionError(f"missing key `{self.npz_key('LayerNorm_0/scale', 0)}`: no transformer layers")
-        return max(indices) + 1  # a gap surfaces as a missing key of that layer
+        gap = min(set(range(max(indices) + 2)) - indices)
+        if gap <= max(indices):  # checked before a model of `max(indices) + 1` layers is built
+            raise ConversionError(f"missing key `{self.npz_key('LayerNorm_0/scale', gap)}`: layer {gap} is absent")
+        return gap
 
     def backbone_depths(self) -> list[int] | None:
         """Units per ResNet stage of the hybrid (`block{s}/unit{u}/...`), or None for a plain patch embedding."""
@@ -207,6 +235,10 @@ class CheckpointReader:
             raise ConversionError(f"`{self.npz_key('conv_root/kernel')}` is there but no `block1/unit1/...` keys")
         # A missing stage or unit surfaces as a missing key when the table reads it.
         return [units.get(stage, 1) for stage in range(1, max(units) + 1)]
+
+
+PRESET_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size")
+PRESET_FIELDS += ("backbone_depths",)
 
 
 @dataclass(frozen=True)
@@ -229,42 +261,22 @@ class CheckpointArchitecture:
     @property
     def model_type(self) -> str | None:
         """The released model of this shape (`ViT-B_16`, `R50-ViT-B_16`, ...), if any."""
-        for name in SEED_CHECKPOINTS:
-            if all(PRESETS[name].get(field) == getattr(self, field) for field in _PRESET_FIELDS):
-                return name
-        return None
+        return next((name for name in SEED_CHECKPOINTS if self.is_shaped_like(name)), None)
+
+    def is_shaped_like(self, preset: str) -> bool:
+        return all(PRESETS[preset].get(field) == getattr(self, field) for field in PRESET_FIELDS)
 
     def describe(self) -> str:
-        parts = [
-            f"width {self.hidden_size}",
-            f"{self.num_hidden_layers} layers",
-            f"{self.num_attention_heads} heads",
-            f"MLP {self.intermediate_size}",
-            f"patch {self.patch_size}",
-        ]
-        if self.backbone_depths:
-            parts.append(f"ResNet stages {self.backbone_depths}")
-        parts.append(f"{self.image_size} px")
-        if self.representation_size:
-            parts.append(f"pre_logits {self.representation_size}")
+        parts = [f"width {self.hidden_size}", f"{self.num_hidden_layers} layers", f"{self.num_attention_heads} heads"]
+        parts += [f"MLP {self.intermediate_size}", f"patch {self.patch_size}"]
+        parts += [f"ResNet stages {self.backbone_depths}"] * bool(self.backbone_depths) + [f"{self.image_size} px"]
+        parts += [f"pre_logits {self.representation_size}"] * bool(self.representation_size)
         parts.append(f"{self.num_classes} classes" if self.num_classes else "no head")
-        known = self.model_type
-        return ", ".join(parts) + (f" (that is {known})" if known else "")
+        return ", ".join(parts) + (f" (that is {self.model_type})" if self.model_type else "")
 
 
-_PRESET_FIELDS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "patch_size",
-    "backbone_depths",
-)
-
-
-def read_architecture(params: dict[str, np.ndarray]) -> CheckpointArchitecture:
+def read_architecture(reader: CheckpointReader) -> CheckpointArchitecture:
     """Width, depth, heads, MLP size, patch size, hybrid stages, pre-logits, classes and resolution, from shapes."""
-    reader = CheckpointReader(params)
     embedding = reader.get("embedding/kernel")  # [p, p, in_channels, hidden]
     if embedding.ndim != 4 or embedding.shape[0] != embedding.shape[1]:
         raise ConversionError(
@@ -274,8 +286,7 @@ def read_architecture(params: dict[str, np.ndarray]) -> CheckpointArchitecture:
     backbone_depths = reader.backbone_depths()
     if backbone_depths:
         stride = 2 ** (len(backbone_depths) + 1)  # the ResNet stem (4) times 2 per stage after the first
-        patch_size = embedding.shape[0] * stride
-        num_channels = reader.get("conv_root/kernel").shape[2]
+        patch_size, num_channels = embedding.shape[0] * stride, reader.get("conv_root/kernel").shape[-2]
     else:
         patch_size, num_channels = embedding.shape[0], embedding.shape[2]
 
@@ -324,42 +335,39 @@ def read_architecture(params: dict[str, np.ndarray]) -> CheckpointArchitecture:
 class Transform(NamedTuple):
     """How one Flax array becomes one torch parameter, and which npz shape a torch shape needs (for clear errors)."""
 
-    name: str
     apply: Callable[[np.ndarray], np.ndarray]
     npz_shape: Callable[[tuple, int], tuple]  # (our shape, heads) -> the file's shape
 
 
-KEEP = Transform("keep", lambda a: a, lambda shape, heads: shape)
+KEEP = Transform(lambda a: a, lambda shape, heads: shape)
 # Biases and norm scales; big_vision's ResNet stores GroupNorm parameters as [1, 1, 1, C].
-VECTOR = Transform("vector", lambda a: a.reshape(-1), lambda shape, heads: shape)
-DENSE = Transform("dense", lambda a: a.T, lambda shape, heads: shape[::-1])  # [in, out] -> [out, in]
+VECTOR = Transform(lambda a: a.reshape(-1), lambda shape, heads: shape)
+DENSE = Transform(lambda a: a.T, lambda shape, heads: shape[::-1])  # [in, out] -> [out, in]
 CONV = Transform(  # [h, w, in, out] -> [out, in, h, w]
-    "conv", lambda a: a.transpose(3, 2, 0, 1), lambda shape, heads: (shape[2], shape[3], shape[1], shape[0])
+    lambda a: a.transpose(3, 2, 0, 1), lambda shape, heads: (shape[2], shape[3], shape[1], shape[0])
 )
 QKV_KERNEL = Transform(  # [hidden, heads, head_dim] -> [heads * head_dim, hidden]
-    "qkv_kernel", lambda a: a.reshape(a.shape[0], -1).T, lambda shape, heads: (shape[1], heads, shape[0] // heads)
+    lambda a: a.reshape(a.shape[0], -1).T, lambda shape, heads: (shape[1], heads, shape[0] // heads)
 )
-QKV_BIAS = Transform("qkv_bias", lambda a: a.reshape(-1), lambda shape, heads: (heads, shape[0] // heads))
+QKV_BIAS = Transform(lambda a: a.reshape(-1), lambda shape, heads: (heads, shape[0] // heads))
 OUT_KERNEL = Transform(  # [heads, head_dim, hidden] -> [hidden, heads * head_dim]
-    "out_kernel", lambda a: a.reshape(-1, a.shape[-1]).T, lambda shape, heads: (heads, shape[1] // heads, shape[0])
+    lambda a: a.reshape(-1, a.shape[-1]).T, lambda shape, heads: (heads, shape[1] // heads, shape[0])
 )
 
 EMBEDDING_TABLE = [
     ("embedding/kernel", "conformer.embeddings.patch_embeddings.projection.weight", CONV),
     ("embedding/bias", "conformer.embeddings.patch_embeddings.projection.bias", VECTOR),
     ("cls", "conformer.embeddings.cls_token", KEEP),
-    ("Transformer/posembed_input/pos_embedding", "conformer.embeddings.position_embeddings", KEEP),
 ]
 # Per layer, relative to `Transformer/encoderblock_{i}/` and `conformer.layers.{i}.`.
 LAYER_TABLE = [
     ("LayerNorm_0/scale", "layernorm_before.weight", VECTOR),
     ("LayerNorm_0/bias", "layernorm_before.bias", VECTOR),
-    ("MultiHeadDotProductAttention_1/query/kernel", "attention.q_proj.weight", QKV_KERNEL),
-    ("MultiHeadDotProductAttention_1/query/bias", "attention.q_proj.bias", QKV_BIAS),
-    ("MultiHeadDotProductAttention_1/key/kernel", "attention.k_proj.weight", QKV_KERNEL),
-    ("MultiHeadDotProductAttention_1/key/bias", "attention.k_proj.bias", QKV_BIAS),
-    ("MultiHeadDotProductAttention_1/value/kernel", "attention.v_proj.weight", QKV_KERNEL),
-    ("MultiHeadDotProductAttention_1/value/bias", "attention.v_proj.bias", QKV_BIAS),
+    *[
+        (f"MultiHeadDotProductAttention_1/{name}/{kind}", f"attention.{proj}_proj.{our}", transform)
+        for name, proj in (("query", "q"), ("key", "k"), ("value", "v"))
+        for kind, our, transform in (("kernel", "weight", QKV_KERNEL), ("bias", "bias", QKV_BIAS))
+    ],
     ("MultiHeadDotProductAttention_1/out/kernel", "attention.o_proj.weight", OUT_KERNEL),
     ("MultiHeadDotProductAttention_1/out/bias", "attention.o_proj.bias", VECTOR),
     ("LayerNorm_2/scale", "layernorm_after.weight", VECTOR),
@@ -377,10 +385,8 @@ PRE_LOGITS_TABLE = [
     ("pre_logits/kernel", "pre_logits.0.weight", DENSE),
     ("pre_logits/bias", "pre_logits.0.bias", VECTOR),
 ]
-HEAD_TABLE = [
-    ("head/kernel", "classifier.weight", DENSE),
-    ("head/bias", "classifier.bias", VECTOR),
-]
+HEAD_TABLE = [("head/kernel", "classifier.weight", DENSE), ("head/bias", "classifier.bias", VECTOR)]
+HEAD_KEYS = {row[0] for row in PRE_LOGITS_TABLE + HEAD_TABLE}
 
 
 def backbone_table(depths: list[int]) -> list[tuple[str, str, Transform]]:
@@ -408,21 +414,18 @@ def backbone_table(depths: list[int]) -> list[tuple[str, str, Transform]]:
     return rows
 
 
-def mapping_table(config: ConformerConfig, with_head: bool = True) -> list[tuple[str, str, Transform, int | None]]:
-    """Every array the model takes from a checkpoint: (npz key, our key, transform, layer or None)."""
+def mapping_table(config: ConformerConfig, with_head: bool) -> list[tuple[str, str, Transform, int | None]]:
+    """Every array taken from a checkpoint but the position embeddings: (npz key, our key, transform, layer)."""
     rows = [(*row, None) for row in EMBEDDING_TABLE]
     if config.backbone_depths:
         rows += [(*row, None) for row in backbone_table(config.backbone_depths)]
     for layer in range(config.num_hidden_layers):
         rows += [
-            (npz_key, f"conformer.layers.{layer}.{our_key}", transform, layer)
-            for npz_key, our_key, transform in LAYER_TABLE
+            (npz_key, f"conformer.layers.{layer}.{key}", transform, layer) for npz_key, key, transform in LAYER_TABLE
         ]
     rows += [(*row, None) for row in ENCODER_NORM_TABLE]
     if with_head:
-        if config.representation_size is not None:
-            rows += [(*row, None) for row in PRE_LOGITS_TABLE]
-        rows += [(*row, None) for row in HEAD_TABLE]
+        rows += [(*row, None) for row in (PRE_LOGITS_TABLE if config.representation_size else []) + HEAD_TABLE]
     return rows
 
 
@@ -436,17 +439,12 @@ def keeps_checkpoint_head(config: ConformerConfig, architecture: CheckpointArchi
     return config.num_labels == architecture.num_classes and config.classifier != "cnn"
 
 
-def _canonical_model_type(model_type: str) -> str:
-    name = MODEL_TYPE_ALIASES.get(model_type, model_type)
-    if name not in SEED_CHECKPOINTS:
-        known = ", ".join(SEED_CHECKPOINTS[:-1] + ("R50+ViT-B_16",))
-        raise ConversionError(f"unknown --model_type {model_type!r}; known: {known}")
-    return name
-
-
 def _check_model_type(model_type: str, architecture: CheckpointArchitecture):
-    name = _canonical_model_type(model_type)
-    if any(PRESETS[name].get(field) != getattr(architecture, field) for field in _PRESET_FIELDS):
+    name = {google: ours for ours, google in UPSTREAM_FILE_NAMES.items()}.get(model_type, model_type)
+    if name not in SEED_CHECKPOINTS:
+        known = ", ".join(UPSTREAM_FILE_NAMES.get(name, name) for name in SEED_CHECKPOINTS)
+        raise ConversionError(f"unknown --model_type {model_type!r}; known: {known}")
+    if not architecture.is_shaped_like(name):
         raise ConversionError(
             f"--model_type {model_type} does not match the checkpoint, which contains {architecture.describe()}"
         )
@@ -459,8 +457,7 @@ def _imagenet_1k_labels() -> dict[int, str]:
     return {index: info.index_to_description(index) for index in range(IMAGENET_1K_CLASSES)}
 
 
-def _resolve_labels(architecture, num_labels, id2label):
-    """(num_labels, id2label or None, keep the checkpoint's head?)."""
+def _resolve_labels(architecture, num_labels, id2label) -> tuple[int, dict | None]:
     if id2label is not None:
         id2label = {int(index): str(name) for index, name in dict(id2label).items()}
         if sorted(id2label) != list(range(len(id2label))):
@@ -478,28 +475,38 @@ def _resolve_labels(architecture, num_labels, id2label):
         num_labels = architecture.num_classes
     if not isinstance(num_labels, int) or num_labels <= 0:
         raise ConversionError(f"--num_labels must be a positive int, got {num_labels!r}")
-    keep_head = num_labels == architecture.num_classes
     if id2label is None and num_labels == IMAGENET_1K_CLASSES:
         id2label = _imagenet_1k_labels()
-    return num_labels, id2label, keep_head
+    return num_labels, id2label
+
+
+def _check_position_embeddings_fit(config: ConformerConfig):
+    """Refuse an `image_size` whose position embeddings cannot be allocated, before trying to."""
+    tokens = 1 + config.num_patches
+    needed = 3 * tokens * config.hidden_size * 4  # float32: the parameter, the resampled copy, interpolate's buffer
+    if needed > machine_memory():
+        raise ConversionError(
+            f"--image_size {config.image_size} gives {tokens} tokens, whose position embeddings need "
+            f"{needed / 2**30:.3g} GiB, more than the {machine_memory() / 2**30:.3g} GiB here: choose a smaller size"
+        )
 
 
 def infer_config(
-    params: dict[str, np.ndarray],
+    params: Mapping[str, np.ndarray],
     model_type: str | None = None,
     image_size: int | None = None,
     num_labels: int | None = None,
     id2label: dict | None = None,
     **overrides,
-) -> ConformerConfig:
-    """The `ConformerConfig` of a checkpoint, read from its arrays' shapes.
+) -> tuple[ConformerConfig, CheckpointArchitecture]:
+    """The `ConformerConfig` of a checkpoint and the architecture its arrays' shapes show.
 
     `model_type` (`ViT-B_16`, `R50+ViT-B_16`, ...) is only a cross-check. `image_size` other than the checkpoint's
     resamples the position embeddings; `num_labels` other than the checkpoint's head gives a new, zero-initialised head
     without `pre_logits` (the ViT paper's transfer recipe). `overrides` set the other fields (`merge_mode`, `merge_r`,
     `classifier`, ...); the architecture's own fields cannot be overridden.
     """
-    architecture = read_architecture(params)
+    architecture = read_architecture(params if isinstance(params, CheckpointReader) else CheckpointReader(params))
     if model_type is not None:
         _check_model_type(model_type, architecture)
     fixed = sorted(set(overrides) & set(ARCHITECTURE_FIELDS + ("image_size", "num_labels", "id2label", "label2id")))
@@ -510,52 +517,25 @@ def infer_config(
         raise ConversionError(
             f"--image_size must be a positive multiple of the patch size {architecture.patch_size}, got {image_size}"
         )
-    num_labels, id2label, keep_head = _resolve_labels(architecture, num_labels, id2label)
-    if overrides.get("classifier") == "cnn":
-        keep_head = False  # the CNN head reads its own features: the checkpoint's head cannot
-    if keep_head:
-        overrides["representation_size"] = architecture.representation_size
-    fields = dict(
-        hidden_size=architecture.hidden_size,
-        num_hidden_layers=architecture.num_hidden_layers,
-        num_attention_heads=architecture.num_attention_heads,
-        intermediate_size=architecture.intermediate_size,
-        patch_size=architecture.patch_size,
-        num_channels=architecture.num_channels,
-        backbone_depths=architecture.backbone_depths,
-        hidden_act="gelu",  # exact erf GELU, as timm; Google's Flax used the tanh approximation
-        layer_norm_eps=1e-6,
-        qkv_bias=True,
-        image_size=image_size,
-        num_labels=num_labels,
-    )
+    num_labels, id2label = _resolve_labels(architecture, num_labels, id2label)
+    if num_labels == architecture.num_classes and overrides.get("classifier") != "cnn":
+        overrides["representation_size"] = architecture.representation_size  # the checkpoint's head, kept
+    shape_fields = ARCHITECTURE_FIELDS[: ARCHITECTURE_FIELDS.index("backbone_depths") + 1]
+    fields = {name: getattr(architecture, name) for name in shape_fields}
+    # The exact erf GELU, as timm; Google's Flax used the tanh approximation.
+    fields.update(hidden_act="gelu", layer_norm_eps=1e-6, qkv_bias=True, image_size=image_size, num_labels=num_labels)
     if id2label is not None:
         fields.update(id2label=id2label, label2id={name: index for index, name in id2label.items()})
     try:
-        return ConformerConfig(**{**fields, **overrides})  # e.g. hidden_act="gelu_pytorch_tanh" for Flax's GELU
-    except (TypeError, ValueError) as error:
-        raise ConversionError(str(error)) from None
+        config = ConformerConfig(**{**fields, **overrides})  # e.g. hidden_act="gelu_pytorch_tanh" for Flax's GELU
+    except (TypeError, ValueError, StrictDataclassError) as error:
+        raise ConversionError(" ".join(str(error).split())) from None
+    _check_position_embeddings_fit(config)
+    return config, architecture
 
 
-def _convert_array(reader, npz_key, our_key, transform, layer, target_shape, config, architecture):
-    array = reader.get(npz_key, layer)
-    expected = transform.npz_shape(tuple(target_shape), config.num_attention_heads)
-    flat_ok = transform is VECTOR and array.ndim == 4 and array.shape[:3] == (1, 1, 1)
-    if array.shape != expected and not (flat_ok and array.shape[-1:] == expected):
-        raise ConversionError(
-            f"`{reader.npz_key(npz_key, layer)}` has shape {array.shape}, but the architecture read from the "
-            f"checkpoint ({architecture.describe()}) needs {expected} there (for {our_key})"
-        )
-    return torch.from_numpy(np.ascontiguousarray(transform.apply(array)))
-
-
-def _position_embeddings(reader, config, architecture):
-    """The checkpoint's position embeddings on the model's grid, class token kept apart.
-
-    Resampling is bilinear with `align_corners=False` and no antialiasing, as timm's `_load_weights` does, so a
-    resized model stays equal to timm's (Google's fine-tuning code used `scipy.ndimage.zoom(order=1)`, which samples
-    like `align_corners=True`; the two differ by up to a fifth of the embedding's largest value on 14 -> 24).
-    """
+def _position_embeddings(reader: CheckpointReader, config: ConformerConfig, architecture) -> torch.Tensor:
+    """The checkpoint's position embeddings with a class-token slot, on the checkpoint's own grid."""
     key = "Transformer/posembed_input/pos_embedding"
     array = reader.get(key)  # [1, (1 +) grid**2, hidden]
     if array.shape[-1] != config.hidden_size:
@@ -567,8 +547,51 @@ def _position_embeddings(reader, config, architecture):
     if not architecture.position_has_class_slot:
         # big_vision adds position embeddings before prepending the class token: its slot is zero.
         position = torch.cat([position.new_zeros(1, 1, config.hidden_size), position], dim=1)
-    grid = config.image_size // config.patch_size
-    return resample_position_embeddings(position, (grid, grid), num_prefix_tokens=1, mode="bilinear")
+    return position
+
+
+def _state_dict(reader: CheckpointReader, model, architecture) -> dict[str, torch.Tensor]:
+    """The checkpoint's arrays under our key names, each checked against the shape `model` needs."""
+    config, target = model.config, model.state_dict()
+    state_dict = {"conformer.embeddings.position_embeddings": _position_embeddings(reader, config, architecture)}
+    sources = {"conformer.embeddings.position_embeddings": reader.npz_key("Transformer/posembed_input/pos_embedding")}
+    for npz_key, our_key, transform, layer in mapping_table(config, keeps_checkpoint_head(config, architecture)):
+        array = reader.get(npz_key, layer)
+        expected = transform.npz_shape(tuple(target[our_key].shape), config.num_attention_heads)
+        flat_ok = transform is VECTOR and array.ndim == 4 and array.shape[:3] == (1, 1, 1)
+        if array.shape != expected and not (flat_ok and array.shape[-1:] == expected):
+            raise ConversionError(
+                f"`{reader.npz_key(npz_key, layer)}` has shape {array.shape}, but the architecture read from the "
+                f"checkpoint ({architecture.describe()}) needs {expected} there (for {our_key})"
+            )
+        state_dict[our_key] = torch.from_numpy(np.ascontiguousarray(transform.apply(array)))
+        sources[our_key] = reader.npz_key(npz_key, layer)
+    non_finite = list(dict.fromkeys(sources[key] for key, value in state_dict.items() if not value.isfinite().all()))
+    if non_finite:
+        names = ", ".join(f"`{key}`" for key in non_finite[:3])
+        more = f" and {len(non_finite) - 3} more" if len(non_finite) > 3 else ""
+        raise ConversionError(f"the checkpoint holds NaN or inf in {names}{more}: it cannot be converted as it is")
+    return state_dict
+
+
+def _convert(params: Mapping, image_size, num_labels, id2label, model_type, **overrides):
+    """(model, architecture) of the checkpoint `params`."""
+    reader = CheckpointReader(params)
+    config, architecture = infer_config(reader, model_type, image_size, num_labels, id2label, **overrides)
+    try:
+        model = ConformerForImageClassification(config)
+    except (ValueError, StrictDataclassError) as error:  # e.g. a merge schedule the token count cannot support
+        raise ConversionError(" ".join(str(error).split())) from None
+    # Bilinear, as timm's `_load_weights`, so a resized model stays equal to timm's (Google's fine-tuning code used
+    # `scipy.ndimage.zoom(order=1)`, like `align_corners=True`: up to a fifth of the largest value apart on 14 -> 24).
+    model.load_state_dict(adapt_state_dict(_state_dict(reader, model, architecture), model, mode="bilinear"))
+    ignored = HEAD_KEYS if not keeps_checkpoint_head(config, architecture) else set()
+    unused = sorted(
+        key for key in params if key not in reader.arrays and key[len(reader.layout.prefix) :] not in ignored
+    )
+    if unused:
+        print(f"warning: {len(unused)} arrays of the checkpoint are not used, e.g. `{unused[0]}`", file=sys.stderr)
+    return model.eval(), architecture
 
 
 def convert_checkpoint(
@@ -581,48 +604,14 @@ def convert_checkpoint(
 ) -> ConformerForImageClassification:
     """A `ConformerForImageClassification` with the weights of a Google ViT `.npz` (in memory; nothing is written).
 
-    `npz_path` is a path (or the dict `load_npz` returns); the other arguments are as in `infer_config`, which reads
-    the architecture. With the checkpoint's own head, the head (and `pre_logits`) are converted exactly;
-    with another `num_labels` (or `classifier="cnn"`) the classifier starts at zero and `pre_logits` is dropped.
+    `npz_path` is a path (or a mapping of arrays, as `load_npz` returns); the other arguments are as in
+    `infer_config`. With the checkpoint's own head, the head (and `pre_logits`) are converted exactly; with another
+    `num_labels` (or `classifier="cnn"`) the classifier starts at zero and `pre_logits` is dropped.
     """
-    params = npz_path if isinstance(npz_path, dict) else load_npz(npz_path)
-    config = infer_config(params, model_type, image_size, num_labels, id2label, **config_overrides)
-    architecture = read_architecture(params)
-    keep_head = keeps_checkpoint_head(config, architecture)
-    try:
-        model = ConformerForImageClassification(config)
-    except ValueError as error:  # e.g. a merge schedule the token count cannot support
-        raise ConversionError(str(error)) from None
-
-    reader = CheckpointReader(params)
-    target_shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
-    state_dict = {}
-    for npz_key, our_key, transform, layer in mapping_table(config, with_head=keep_head):
-        if our_key == "conformer.embeddings.position_embeddings":
-            state_dict[our_key] = _position_embeddings(reader, config, architecture)
-        else:
-            shape = target_shapes[our_key]
-            state_dict[our_key] = _convert_array(
-                reader, npz_key, our_key, transform, layer, shape, config, architecture
-            )
-
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    fresh = [key for key in missing if not key.startswith(("classifier.", "cnn_head.", "pre_logits."))]
-    if fresh or unexpected or (keep_head and missing):
-        raise ConversionError(
-            f"the mapping does not cover the model: missing {fresh or missing}, unexpected {unexpected}"
-        )
-    if not keep_head and isinstance(model.classifier, torch.nn.Linear):
-        # The ViT paper's transfer recipe: a zero-initialised head, so fine-tuning starts from uniform predictions.
-        with torch.no_grad():
-            model.classifier.weight.zero_()
-            model.classifier.bias.zero_()
-
-    ignored = {"pre_logits/kernel", "pre_logits/bias", "head/kernel", "head/bias"} if not keep_head else set()
-    unused = sorted(key for key in set(params) - reader.used if key.removeprefix(reader.layout.prefix) not in ignored)
-    if unused:
-        print(f"warning: {len(unused)} arrays of the checkpoint are not used, e.g. `{unused[0]}`", file=sys.stderr)
-    return model.eval()
+    if isinstance(npz_path, Mapping):
+        return _convert(npz_path, image_size, num_labels, id2label, model_type, **config_overrides)[0]
+    with load_npz(npz_path) as params:
+        return _convert(params, image_size, num_labels, id2label, model_type, **config_overrides)[0]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -650,70 +639,58 @@ def timm_reference(npz_path, config: ConformerConfig, architecture: CheckpointAr
         num_heads=config.num_attention_heads,
         mlp_ratio=config.intermediate_size / config.hidden_size,
         qkv_bias=config.qkv_bias,
-        class_token=True,
         no_embed_class=not architecture.position_has_class_slot,
         num_classes=config.num_labels if plain_head else 0,
+        patch_size=config.patch_size // config.backbone_stride,
     )
     if config.backbone_depths:
         backbone = _resnetv2(layers=tuple(config.backbone_depths), in_chans=config.num_channels)
-        kwargs.update(
-            patch_size=config.patch_size // config.backbone_stride, embed_layer=partial(HybridEmbed, backbone=backbone)
-        )
-    else:
-        kwargs.update(patch_size=config.patch_size)
+        kwargs["embed_layer"] = partial(HybridEmbed, backbone=backbone)
     model = VisionTransformer(**kwargs).eval()
     _load_weights(model, str(npz_path))
     return model
 
 
 @torch.no_grad()
-def compare_with_timm(model, npz_path, batch_size: int = 2, seed: int = 0) -> dict[str, float]:
+def compare_with_timm(model, npz_path, architecture, batch_size: int = 2, seed: int = 0) -> dict[str, float]:
     """Largest differences between `model` (merging switched off) and timm on a random batch in [-1, 1].
 
     Returns `features` (final normed tokens) and, where timm gives the same head, `logits`: timm's head, or with
-    `pre_logits` `head(tanh(W·cls + b))` computed by hand from the npz arrays.
+    `pre_logits` `head(tanh(W·cls + b))` computed by hand from the npz arrays; `scale` is the reference's largest value.
     """
-    params = load_npz(npz_path)
-    architecture = read_architecture(params)
     config = model.config
     reference = timm_reference(npz_path, config, architecture)
     generator = torch.Generator().manual_seed(seed)
-    pixels = (
-        torch.rand(batch_size, config.num_channels, config.image_size, config.image_size, generator=generator) * 2 - 1
-    )
-
+    pixels = torch.rand(batch_size, config.num_channels, config.image_size, config.image_size, generator=generator)
+    pixels = pixels * 2 - 1
     tokens = reference.forward_features(pixels)  # [batch, tokens, hidden], after the final norm
-    ours = model.conformer(pixels)
-    if ours.last_hidden_state.shape != tokens.shape:
-        raise ConversionError("merging must be off to compare with timm (load the folder with merge_mode='none')")
-    result = {"features": (ours.last_hidden_state - tokens).abs().max().item()}
-
+    ours = model.conformer(pixels).last_hidden_state
+    result = {"features": (ours - tokens).abs().max().item(), "scale": tokens.abs().max().item()}
     if keeps_checkpoint_head(config, architecture) and config.classifier == "token":  # "gap" pools differently
         pooled = reference.forward_head(tokens, pre_logits=True)  # the class token
         if config.representation_size is None:
             expected = reference.head(pooled)  # as timm's loader filled it
         else:  # head(tanh(W·cls + b)), straight from the file's arrays
-            reader = CheckpointReader(params)
-            pre_weight, pre_bias, weight, bias = (
-                torch.from_numpy(reader.get(key))
-                for key in ("pre_logits/kernel", "pre_logits/bias", "head/kernel", "head/bias")
-            )
+            with load_npz(npz_path) as params:
+                reader = CheckpointReader(params)
+                keys = ("pre_logits/kernel", "pre_logits/bias", "head/kernel", "head/bias")
+                pre_weight, pre_bias, weight, bias = (torch.from_numpy(reader.get(key)) for key in keys)
             expected = torch.tanh(pooled @ pre_weight + pre_bias) @ weight + bias
         result["logits"] = (model(pixels).logits - expected).abs().max().item()
         result["scale"] = expected.abs().max().item()
-    else:
-        result["scale"] = tokens.abs().max().item()
     return result
 
 
-def verify_folder(folder, npz_path, tolerance: float = 1e-4) -> dict[str, float]:
-    """Load `folder` as a user would (remote code) and compare it with timm; raise if it differs by more than
-    `tolerance` times the reference's scale (at least 1)."""
+def verify_folder(folder, npz_path, architecture, tolerance: float = 1e-4) -> dict[str, float]:
+    """Load `folder` as a user would (remote code) and compare it with timm; raise if an output is not finite or
+    differs by more than `tolerance` times the reference's scale (at least 1)."""
     from transformers import AutoModelForImageClassification
 
     # The weights are what is verified: merging changes the token count, so it is switched off for the comparison.
     model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True, merge_mode="none").eval()
-    result = compare_with_timm(model, npz_path)
+    result = compare_with_timm(model, npz_path, architecture)
+    if not all(math.isfinite(value) for value in result.values()):
+        raise ConversionError("verification failed: the outputs on a random batch are not finite (NaN or inf)")
     limit = tolerance * max(1.0, result["scale"])
     worst = max(result.get("logits", 0.0), result["features"])
     if worst > limit:
@@ -729,19 +706,11 @@ def verify_folder(folder, npz_path, tolerance: float = 1e-4) -> dict[str, float]
 
 
 def image_processor(config: ConformerConfig):
-    """Google's preprocessing: resize to the model's size (bilinear, as `tf.image.resize`), scale to [-1, 1]."""
+    """Google's preprocessing, `ViTImageProcessor`'s default (bilinear resize, [-1, 1]) at the model's size."""
     from transformers import ViTImageProcessor
 
-    return ViTImageProcessor(
-        do_resize=True,
-        size={"height": config.image_size, "width": config.image_size},
-        resample=2,  # PIL.Image.BILINEAR
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=[0.5] * config.num_channels,
-        image_std=[0.5] * config.num_channels,
-    )
+    channels = dict(image_mean=[0.5] * config.num_channels, image_std=[0.5] * config.num_channels)
+    return ViTImageProcessor(size={"height": config.image_size, "width": config.image_size}, **channels)
 
 
 @dataclass
@@ -758,136 +727,77 @@ class CardFacts:
     verification: dict | None = None
 
     @property
-    def fine_tuned_on_imagenet_1k(self) -> bool:
-        return self.pretrained_classes == IMAGENET_1K_CLASSES
-
-    @property
     def upstream_accuracy(self):
         """(top-1, source, url) of this very checkpoint, where Google states it; else None."""
-        if not (self.fine_tuned_on_imagenet_1k and self.keep_head):
-            return None
-        return UPSTREAM_ACCURACY.get((self.model_type, self.source_image_size))
+        if self.pretrained_classes == IMAGENET_1K_CLASSES and self.keep_head:
+            return UPSTREAM_ACCURACY.get((self.model_type, self.source_image_size))
+        return None
 
 
-def _merge_summary(config: ConformerConfig) -> dict:
-    tokens = [1 + config.num_patches]
-    for merge_r in config.merge_r_per_layer:
-        tokens.append(tokens[-1] - merge_r)
+def merge_summary(config: ConformerConfig) -> dict:
+    """The merging settings and the token counts they give (the card's `token_merging` metadata)."""
+    tokens_in = 1 + config.num_patches
+    schedule = merge_schedule(config.merge_r_per_layer, tokens_in, config.num_hidden_layers, (config.merge_mode,))
     return {
         "merge_mode": config.merge_mode,
         "merge_r": config.merge_r if config.merge_mode != "none" else 0,
         "proportional_attention": config.proportional_attention,
         "classifier": config.classifier,
-        "tokens_in": tokens[0],
-        "tokens_out": tokens[-1],
+        "tokens_in": tokens_in,
+        "tokens_out": tokens_in - sum(schedule),
     }
 
 
-def _example_merge_r(config: ConformerConfig, largest: int = 16) -> int:
-    """The largest constant r (up to ToMe's usual 16) that bipartite merging supports in every layer of `config`."""
-    for merge_r in range(largest, 0, -1):
-        tokens = 1 + config.num_patches
-        for _ in range(config.num_hidden_layers):
-            if merge_r > max_merge_r(tokens, "bipartite"):
-                break
-            tokens -= merge_r
-        else:
-            return merge_r
-    return 0
-
-
 def render_model_card(config: ConformerConfig, facts: CardFacts, template_path=CARD_TEMPLATE) -> str:
-    """README.md for a converted folder, rendered from `model_cards/template.md` with huggingface_hub's ModelCard."""
+    """README.md for a converted folder: `model_cards/template.md` filled in with the facts by huggingface_hub."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    name = UPSTREAM_FILE_NAMES.get(facts.model_type, facts.model_type) if facts.model_type else "ViT"
     # Google released these shapes pre-trained on ImageNet-21k; for other shapes only the class count speaks.
-    datasets = ["imagenet-21k"] if facts.model_type or facts.pretrained_classes == IMAGENET_21K_CLASSES else []
-    if facts.fine_tuned_on_imagenet_1k:
-        datasets.append("imagenet-1k")
+    datasets = ["imagenet-21k"] * bool(facts.model_type or facts.pretrained_classes == IMAGENET_21K_CLASSES)
+    datasets += ["imagenet-1k"] * (facts.pretrained_classes == IMAGENET_1K_CLASSES)
     accuracy = facts.upstream_accuracy
-    eval_results = None
-    if accuracy is not None:
-        top1, source, url = accuracy
-        eval_results = [
-            EvalResult(
-                task_type="image-classification",
-                dataset_type="imagenet-1k",
-                dataset_name="ImageNet-1k",
-                dataset_split="validation",
-                metric_type="accuracy",
-                metric_name="Top-1 accuracy (%), without token merging",
-                metric_value=top1,
-                source_name=source,
-                source_url=url,
-            )
-        ]
-    tags = ["vision", "image-classification", "vit", "token-merging", "conformer"]
-    if config.backbone_depths:
-        tags.append("hybrid")
-    merging = _merge_summary(config)
+    name = UPSTREAM_FILE_NAMES.get(facts.model_type, facts.model_type) if facts.model_type else "ViT"
+    evaluation = dict(task_type="image-classification", dataset_type="imagenet-1k", dataset_name="ImageNet-1k")
+    evaluation.update(dataset_split="validation", metric_type="accuracy")
+    evaluation.update(metric_name="Top-1 accuracy (%), without token merging")
+    merging = merge_summary(config)
     card_data = ModelCardData(
         license="apache-2.0",
         library_name="transformers",
         pipeline_tag="image-classification",
-        tags=tags,
+        tags=["vision", "image-classification", "vit", "token-merging", "conformer"]
+        + ["hybrid"] * bool(config.backbone_depths),
         datasets=datasets or None,
         metrics=["accuracy"] if accuracy else None,
         model_name=f"conformer-{name}" if accuracy else None,
-        eval_results=eval_results,
+        eval_results=[
+            EvalResult(**evaluation, metric_value=accuracy[0], source_name=accuracy[1], source_url=accuracy[2])
+        ]
+        if accuracy
+        else None,
         token_merging=merging,
     )
-    if facts.pretrained_classes == IMAGENET_21K_CLASSES:
-        training = "pre-trained on ImageNet-21k (14M images, 21,843 classes) at 224x224"
-    elif facts.fine_tuned_on_imagenet_1k and facts.model_type:
-        training = (
-            f"pre-trained on ImageNet-21k and fine-tuned on ImageNet-1k (ILSVRC-2012) at "
-            f"{facts.source_image_size}x{facts.source_image_size}"
-        )
-    else:
-        classes = f"{facts.pretrained_classes:,}-class" if facts.pretrained_classes else "headless"
-        training = f"with a {classes} head at {facts.source_image_size}x{facts.source_image_size}"
-    example_merge_r = _example_merge_r(config)
-    upstream = [
-        (model_size, top1, source, url)
-        for (model_type, model_size), (top1, source, url) in UPSTREAM_ACCURACY.items()
-        if model_type == facts.model_type
-    ]
+    layers, tokens = config.num_hidden_layers, merging["tokens_in"]
     card = ModelCard.from_template(
         card_data,
         template_path=str(template_path),
         name=name,
-        origin=f"Google's {name} Vision Transformer" if facts.model_type else "A Vision Transformer in Google's format",
-        source_file=facts.source_file,
-        training=training,
         config=config,
         facts=facts,
         merging=merging,
-        example_merge_r=example_merge_r,
-        pretraining_checkpoint=facts.pretrained_classes == IMAGENET_21K_CLASSES,
+        # The largest constant r up to ToMe's usual 16 that bipartite merging supports in every layer.
+        example_merge_r=next((r for r in range(16, 0, -1) if merge_schedule(r, tokens, layers) == [r] * layers), 0),
         accuracy=accuracy,
-        upstream=upstream,
-        head=(
-            "converted exactly"
-            + (
-                f", with the tanh pre-logits layer ({config.representation_size} units)"
-                if config.representation_size
-                else ""
-            )
-            if facts.keep_head
-            else f"new, zero-initialised ({config.num_labels} classes), as the ViT paper does for transfer"
-        ),
+        upstream=[(size, *result) for (kind, size), result in UPSTREAM_ACCURACY.items() if kind == facts.model_type],
+        imagenet_21k_classes=IMAGENET_21K_CLASSES,
     )
     return str(card).rstrip("\n") + "\n"
 
 
 def write_folder(model, folder: Path, facts: CardFacts):
     """Everything a Hub repository needs: config.json (with `auto_map`), model.safetensors, the two remote-code
-    files, preprocessor_config.json and README.md."""
-    model.save_pretrained(folder)  # copies configuration_/modeling_conformer.py, as the classes are registered
-    for source in ("configuration_conformer.py", "modeling_conformer.py"):
-        if not (folder / source).is_file():  # only if transformers ever stops copying them
-            shutil.copy2(REPO_DIR / source, folder / source)
+    files (copied by `save_pretrained`, as the classes are registered), preprocessor_config.json and README.md."""
+    model.save_pretrained(folder)
     image_processor(model.config).save_pretrained(folder)
     (folder / "README.md").write_text(render_model_card(model.config, facts), encoding="utf-8")
 
@@ -900,20 +810,68 @@ def push_folder_to_hub(folder, repo_id: str, private: bool | None = None):
     return upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Convert Google ViT checkpoint")
 
 
-def _check_output_dir(output_dir: Path, overwrite: bool):
+# --------------------------------------------------------------------------------------------------------------------
+# Writing the folder without touching anything the converter did not write
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """What in `folder` a conversion does not write (anything but plain files of `CONVERTED_FILES`)."""
+    return sorted(
+        p.name for p in folder.iterdir() if p.name not in CONVERTED_FILES or p.is_symlink() or not p.is_file()
+    )
+
+
+def _remove_conversion(folder: Path):
+    """Delete a folder a conversion wrote: only its files by name, so `rmdir` fails on anything else."""
+    for name in CONVERTED_FILES:
+        (folder / name).unlink(missing_ok=True)
+    folder.rmdir()
+
+
+def _check_output_dir(output_dir: Path, npz_path: Path, overwrite: bool):
+    target, cwd = output_dir.resolve(), Path.cwd().resolve()
+    if target in (cwd, *cwd.parents, *npz_path.resolve().parents):
+        raise ConversionError(
+            f"--output_dir {output_dir} holds the checkpoint or the current directory; name a new folder for the result"
+        )
     if output_dir.exists() and not output_dir.is_dir():
         raise ConversionError(f"--output_dir {output_dir} exists and is not a directory")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+        return
+    if not overwrite:
         raise ConversionError(f"--output_dir {output_dir} exists and is not empty (pass --overwrite to replace it)")
+    foreign = _foreign_entries(output_dir)
+    if foreign:
+        raise ConversionError(
+            f"--output_dir {output_dir} holds what no conversion wrote ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); --overwrite replaces only a previous conversion"
+        )
+
+
+def _process_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_staging(target: Path):
+    """Remove what killed conversions to `target` left: staging folders of dead processes holding only our files."""
+    for folder in target.parent.glob(f".{target.name}{STAGING_MARK}*"):
+        pid = folder.name.rpartition(STAGING_MARK)[2]
+        if pid.isdigit() and not _process_is_running(int(pid)) and folder.is_dir() and not _foreign_entries(folder):
+            _remove_conversion(folder)
 
 
 def _command_line(npz_path, output_dir, config, architecture, model_type, named_labels) -> str:
     """The command that reproduces a conversion (file names only, for the model card)."""
     words = ["python convert_npz_to_hf.py", f"--npz_path {npz_path.name}", f"--output_dir {output_dir.name}"]
-    if model_type:
-        words.append(f"--model_type {model_type}")
-    if config.image_size != architecture.image_size:
-        words.append(f"--image_size {config.image_size}")
+    words += [f"--model_type {model_type}"] * bool(model_type)
+    words += [f"--image_size {config.image_size}"] * (config.image_size != architecture.image_size)
     if named_labels:
         words.append("--id2label labels.json")
     elif config.num_labels != architecture.num_classes:
@@ -921,8 +879,7 @@ def _command_line(npz_path, output_dir, config, architecture, model_type, named_
     if config.merge_mode != "none":
         merge_r = ",".join(map(str, config.merge_r)) if isinstance(config.merge_r, list) else config.merge_r
         words.append(f"--merge_mode {config.merge_mode} --merge_r {merge_r}")
-    if config.classifier != "token":
-        words.append(f"--classifier {config.classifier}")
+    words += [f"--classifier {config.classifier}"] * (config.classifier != "token")
     return " ".join(words + ["--verify"])
 
 
@@ -941,42 +898,46 @@ def convert(
     """Convert `npz_path` into the Hub-ready folder `output_dir`; returns its path.
 
     Nothing is written to `output_dir` unless the whole conversion (and, with `verify`, the comparison with timm)
-    succeeds: the folder is assembled beside it and moved into place at the end.
+    succeeds: the folder is staged beside it and moved into place at the end. `overwrite` replaces only a folder that
+    a previous conversion wrote.
     """
     npz_path, output_dir = Path(npz_path), Path(output_dir)
-    _check_output_dir(output_dir, overwrite)
-    params = load_npz(npz_path)
-    architecture = read_architecture(params)
-    model = convert_checkpoint(params, image_size, num_labels, id2label, model_type=model_type, **config_overrides)
-    del params
-    keep_head = keeps_checkpoint_head(model.config, architecture)
+    _check_output_dir(output_dir, npz_path, overwrite)
+    with load_npz(npz_path) as params:
+        model, architecture = _convert(params, image_size, num_labels, id2label, model_type, **config_overrides)
     facts = CardFacts(
         model_type=architecture.model_type,
         source_file=npz_path.name,
         pretrained_classes=architecture.num_classes,
         source_image_size=architecture.image_size,
-        keep_head=keep_head,
+        keep_head=keeps_checkpoint_head(model.config, architecture),
         repo_id=push_to_hub or "path/to/this/folder",
         command=_command_line(npz_path, output_dir, model.config, architecture, model_type, id2label is not None),
     )
 
-    output_dir.resolve().parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{output_dir.name}-", dir=output_dir.resolve().parent) as staging:
-        staging = Path(staging) / output_dir.name
+    target = output_dir.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(target)
+    staging = target.parent / f".{target.name}{STAGING_MARK}{os.getpid()}"
+    try:
+        staging.mkdir()
         write_folder(model, staging, facts)
         if verify:
-            facts.verification = verify_folder(staging, npz_path)
+            facts.verification = verify_folder(staging, npz_path, architecture)
             (staging / "README.md").write_text(render_model_card(model.config, facts), encoding="utf-8")
-        _check_output_dir(output_dir, overwrite)  # again: another process may have written there meanwhile
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.replace(output_dir)
+        _check_output_dir(output_dir, npz_path, overwrite)  # again: another process may have written there meanwhile
+        if target.exists():
+            _remove_conversion(target)
+        staging.replace(target)
+    finally:
+        if staging.is_dir():
+            _remove_conversion(staging)
     if facts.verification:
         differences = ", ".join(f"{key} {value:.3g}" for key, value in facts.verification.items() if key != "scale")
         print(f"verify: largest |ours - timm| on a random batch: {differences}")
     if push_to_hub:
         try:
-            push_folder_to_hub(output_dir, push_to_hub)
+            push_folder_to_hub(target, push_to_hub)
         except Exception as error:  # network, credentials, offline mode: the folder itself is complete
             raise ConversionError(
                 f"wrote {output_dir}, but uploading it to {push_to_hub} failed ({type(error).__name__}: {error})"
@@ -992,30 +953,22 @@ def convert(
 def seed_model_card(model_type: str) -> str:
     """The card of Google's ImageNet-21k checkpoint `model_type` (224 px, tanh pre-logits, 21,843 classes) as this
     converter writes it with default options; no weights are needed."""
-    preset = PRESETS[model_type]
+    width = PRESETS[model_type]["hidden_size"]
     config = ConformerConfig.from_preset(
-        model_type, image_size=224, num_labels=IMAGENET_21K_CLASSES, representation_size=preset["hidden_size"]
+        model_type, image_size=224, num_labels=IMAGENET_21K_CLASSES, representation_size=width
     )
     file_name = UPSTREAM_FILE_NAMES.get(model_type, model_type) + ".npz"
-    facts = CardFacts(
-        model_type=model_type,
-        source_file=file_name,
-        pretrained_classes=IMAGENET_21K_CLASSES,
-        source_image_size=224,
-        keep_head=True,
-        command=f"python convert_npz_to_hf.py --npz_path {file_name} --output_dir {model_type}-conformer --verify",
-    )
+    command = f"python convert_npz_to_hf.py --npz_path {file_name} --output_dir {model_type}-conformer --verify"
+    facts = CardFacts(model_type, file_name, IMAGENET_21K_CLASSES, 224, keep_head=True, command=command)
     return render_model_card(config, facts)
 
 
 def write_model_cards(directory=REPO_DIR / "model_cards") -> list[Path]:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for model_type in SEED_CHECKPOINTS:
-        path = directory / f"{model_type}.md"
+    paths = [directory / f"{model_type}.md" for model_type in SEED_CHECKPOINTS]
+    for model_type, path in zip(SEED_CHECKPOINTS, paths):
         path.write_text(seed_model_card(model_type), encoding="utf-8")
-        paths.append(path)
     return paths
 
 
@@ -1024,11 +977,12 @@ def write_model_cards(directory=REPO_DIR / "model_cards") -> list[Path]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _merge_r(text: str):
+def parse_merge_r(text: str) -> int | list[int]:
+    """`merge_r` as written on a command line: one int for every layer, or comma-separated ints, one per layer."""
     try:
-        values = [int(value) for value in text.split(",")]
+        values = [int(value) for value in str(text).split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int or comma-separated ints, got {text!r}") from None
+        raise ValueError(f"merge_r must be an int or comma-separated ints (one per layer), got {text!r}") from None
     return values[0] if len(values) == 1 else values
 
 
@@ -1047,17 +1001,21 @@ def _read_id2label(path) -> dict[int, str]:
         raise ConversionError(f"--id2label {path}: class ids must be integers") from None
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and status 2, like our own errors
-        self.exit(2, f"error: {message}\n")
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are `ValueError`s, so that `main` reports them as it reports every other bad input."""
+
+    def error(self, message):
+        raise ConversionError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         description="Convert a Google ViT checkpoint (.npz) into a Hub-ready Conformer folder, exact to timm's loader."
     )
     parser.add_argument("--npz_path", help="Google's checkpoint, e.g. ViT-B_16.npz or R50+ViT-B_16.npz.")
-    parser.add_argument("--output_dir", help="Folder to write (must be absent or empty unless --overwrite).")
+    parser.add_argument(
+        "--output_dir", help="Folder to write: absent, empty, or (with --overwrite) a previous conversion."
+    )
     parser.add_argument(
         "--model_type",
         help="Expected model (ViT-B_16, ViT-B_32, ViT-L_16, ViT-L_32, ViT-H_14, R50+ViT-B_16): only a cross-check, "
@@ -1079,20 +1037,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--id2label", help='JSON file naming the classes ({"0": "cat", ...} or a list); sets num_labels.'
     )
     parser.add_argument(
-        "--merge_mode",
-        choices=("none", "bipartite", "submodular"),
-        default="none",
-        help="Token merging between attention and MLP.",
+        "--merge_mode", choices=MERGE_MODES, default="none", help="Token merging between attention and MLP."
     )
     parser.add_argument(
-        "--merge_r",
-        type=_merge_r,
-        default=0,
-        help="Tokens merged per layer: one int, or one per layer (comma-separated).",
+        "--merge_r", default="0", help="Tokens merged per layer: one int, or one per layer (comma-separated)."
     )
     parser.add_argument(
         "--classifier",
-        choices=("token", "gap", "cnn"),
+        choices=CLASSIFIERS,
         default="token",
         help="Pooling for the head; 'cnn' needs a new head (the checkpoint's head reads the class token).",
     )
@@ -1100,7 +1052,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--verify", action="store_true", help="Load the folder back and compare its logits with timm's loader."
     )
-    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output_dir.")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Replace an --output_dir that a previous conversion wrote."
+    )
     parser.add_argument(
         "--write_model_cards",
         nargs="?",
@@ -1111,39 +1065,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+def main(argv=None) -> int:
+    """The command line: 0 on success; on bad input one `error: ...` line on stderr and status 2."""
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
     try:
+        args = build_parser().parse_args(argv)
         if args.write_model_cards:
-            for path in write_model_cards(args.write_model_cards):
-                print(path)
+            print("\n".join(map(str, write_model_cards(args.write_model_cards))))
             return 0
         if not args.npz_path or not args.output_dir:
             raise ConversionError("--npz_path and --output_dir are required (or --write_model_cards)")
-        if args.merge_r != 0 and args.merge_mode == "none":
-            raise ConversionError("--merge_r needs --merge_mode bipartite or submodular")
-        id2label = _read_id2label(args.id2label) if args.id2label else None
+        merge_r = parse_merge_r(args.merge_r)
+        if merge_r != 0 and args.merge_mode == "none":
+            raise ConversionError(f"--merge_r needs --merge_mode ({', '.join(MERGE_MODES[1:])})")
         output_dir = convert(
             args.npz_path,
             args.output_dir,
             model_type=args.model_type,
             image_size=args.image_size,
             num_labels=args.num_labels,
-            id2label=id2label,
+            id2label=_read_id2label(args.id2label) if args.id2label else None,
             overwrite=args.overwrite,
             verify=args.verify,
             push_to_hub=args.push_to_hub,
             merge_mode=args.merge_mode,
-            merge_r=args.merge_r,
+            merge_r=merge_r,
             classifier=args.classifier,
         )
-    except (ConversionError, OSError) as error:  # OSError: disk full, permissions; still one line
+    except (ValueError, OSError) as error:  # OSError: disk full, permissions; still one line
         print("error: " + " ".join(str(error).split()), file=sys.stderr)
-        sys.exit(2)
+        return 2
     print(f"wrote {output_dir}")
     return 0
 

@@ -6,8 +6,11 @@ the reference is timm's `VisionTransformer` of the same shape, built here and lo
 
 import json
 import os
+import resource
+import signal
 import subprocess
 import sys
+import zipfile
 from functools import partial
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from timm.models.vision_transformer import VisionTransformer, _load_weights
 from timm.models.vision_transformer_hybrid import _resnetv2
 
 import convert_npz_to_hf as converter
-from configuration_conformer import ConformerConfig
+from configuration_conformer import CLASSIFIERS, MERGE_MODES, ConformerConfig
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 WIDTH, DEPTH, HEADS, MLP, PATCH, GRID, CLASSES = (
@@ -133,7 +136,7 @@ def test_new_num_labels_gives_zero_head_without_pre_logits(tmp_path):
 
 def test_infer_config_reads_architecture_from_shapes():
     params = google_vit_params(representation_size=24, backbone_depths=[1, 1])
-    config = converter.infer_config(params)
+    config, _ = converter.infer_config(params)
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (WIDTH, DEPTH, HEADS)
     assert (config.intermediate_size, config.patch_size, config.image_size) == (MLP, PATCH, GRID * PATCH)
     assert config.backbone_depths == [1, 1] and config.representation_size == 24 and config.num_labels == CLASSES
@@ -141,7 +144,7 @@ def test_infer_config_reads_architecture_from_shapes():
 
 
 def test_imagenet_1k_head_gets_imagenet_class_names():
-    config = converter.infer_config(google_vit_params(classes=1000))
+    config, _ = converter.infer_config(google_vit_params(classes=1000))
     assert config.id2label[0] == "tench, Tinca tinca" and config.id2label[999].startswith("toilet tissue")
 
 
@@ -155,6 +158,7 @@ def test_model_type_mismatch_says_what_the_file_contains():
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_convert_writes_a_hub_folder_that_loads_in_a_fresh_process(tmp_path, capsys):
     path = write_npz(tmp_path / "R50+tiny.npz", google_vit_params(backbone_depths=[1, 1]))
     out = converter.convert(path, tmp_path / "out", verify=True, merge_mode="submodular", merge_r=2)
@@ -265,12 +269,26 @@ def test_push_to_hub_uploads_the_written_folder(tmp_path, monkeypatch):
 
 
 def run_main_expecting_error(capsys, argv):
-    with pytest.raises(SystemExit) as exit_info:
-        converter.main(argv)
-    assert exit_info.value.code == 2
+    assert converter.main(argv) == 2
     stderr = capsys.readouterr().err
     assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
     return stderr
+
+
+def convert_expecting_error(capsys, tmp_path, params, *extra):
+    """Write `params` as an npz, run the command line on it; one error line, and nothing written."""
+    path = write_npz(tmp_path / "bad.npz", params)
+    stderr = run_main_expecting_error(capsys, ["--npz_path", str(path), "--output_dir", str(tmp_path / "out"), *extra])
+    assert not (tmp_path / "out").exists()
+    return stderr
+
+
+def add_npy_entry(path, key, shape, data=b""):
+    """Append to an npz an entry whose `.npy` header declares `shape` (float32), followed by `data` only."""
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as archive, archive.open(key + ".npy", "w") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": shape})
+        f.write(data)
+    return path
 
 
 def test_file_that_is_not_an_npz(tmp_path, capsys):
@@ -291,63 +309,136 @@ def test_truncated_npz(tmp_path, capsys, plain_npz):
 
 
 def test_object_array_is_refused_not_unpickled(tmp_path, capsys):
-    params = {key: value for key, value in google_vit_params().items()}
+    params = google_vit_params()
     params["cls"] = np.array([{"payload": "pickled"}], dtype=object)
-    path = write_npz(tmp_path / "pickled.npz", params)
-    stderr = run_main_expecting_error(capsys, ["--npz_path", str(path), "--output_dir", str(tmp_path / "out")])
-    assert "`cls` is an object array" in stderr
-    assert not (tmp_path / "out").exists()
+    assert "`cls` is an object array" in convert_expecting_error(capsys, tmp_path, params)
 
 
 def test_missing_key_is_named(tmp_path, capsys):
     params = google_vit_params()
     del params["Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias"]
-    path = write_npz(tmp_path / "missing.npz", params)
-    stderr = run_main_expecting_error(capsys, ["--npz_path", str(path), "--output_dir", str(tmp_path / "out")])
+    stderr = convert_expecting_error(capsys, tmp_path, params)
     assert "missing key `Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias`" in stderr
-    assert not (tmp_path / "out").exists()
 
 
 def test_shape_contradicting_the_architecture_names_both(tmp_path, capsys):
     params = google_vit_params()
     params["Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"] = np.zeros((WIDTH, 100), np.float32)
-    path = write_npz(tmp_path / "bad-shape.npz", params)
-    stderr = run_main_expecting_error(capsys, ["--npz_path", str(path), "--output_dir", str(tmp_path / "out")])
+    stderr = convert_expecting_error(capsys, tmp_path, params)
     assert "`Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel` has shape (32, 100)" in stderr
     assert "needs (32, 64)" in stderr and "MLP 64" in stderr
+
+
+def test_scalar_for_a_kernel_is_named(tmp_path, capsys):
+    params = google_vit_params()
+    params["head/kernel"] = np.float32(1.0)
+    assert "`head/kernel` is a scalar" in convert_expecting_error(capsys, tmp_path, params)
+
+
+def test_non_finite_weights_are_named(tmp_path, capsys):
+    params = google_vit_params()
+    params["Transformer/encoderblock_0/LayerNorm_0/bias"][3] = np.nan
+    params["cls"][0, 0, 0] = np.inf
+    stderr = convert_expecting_error(capsys, tmp_path, params)
+    assert "NaN or inf in `cls`, `Transformer/encoderblock_0/LayerNorm_0/bias`" in stderr
+
+
+def test_verify_fails_when_the_outputs_are_not_finite(tmp_path, capsys):
+    params = google_vit_params()
+    params["embedding/kernel"] *= np.float32(1e37)  # finite weights whose patch embeddings overflow to inf
+    stderr = convert_expecting_error(capsys, tmp_path, params, "--verify")
+    assert "verification failed" in stderr and "not finite" in stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.npz"]  # nor a staging folder
+
+
+def test_entry_declaring_more_memory_than_the_machine_has(tmp_path, capsys, plain_npz):
+    add_npy_entry(plain_npz, "cls_huge", (2**50,))
+    stderr = run_main_expecting_error(capsys, ["--npz_path", str(plain_npz), "--output_dir", str(tmp_path / "out")])
+    assert "`cls_huge` declares shape (1125899906842624,)" in stderr and "memory" in stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_non_empty_output_dir_is_kept_unless_overwrite(tmp_path, capsys, plain_npz):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    stderr = run_main_expecting_error(capsys, ["--npz_path", str(plain_npz), "--output_dir", str(out)])
-    assert "exists and is not empty" in stderr and "--overwrite" in stderr
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
-
-    assert converter.main(["--npz_path", str(plain_npz), "--output_dir", str(out), "--overwrite"]) == 0
-    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+def test_unused_entry_is_never_decompressed(tmp_path, capsys, plain_npz):
+    # Its header declares 256 MiB, behind 1 KiB of (compressed) data: reading it would fail; it is not read.
+    add_npy_entry(plain_npz, "extra/unused", (2**26,), data=bytes(1024))
+    assert converter.main(["--npz_path", str(plain_npz), "--output_dir", str(tmp_path / "out")]) == 0
+    assert "`extra/unused`" in capsys.readouterr().err  # the unused-arrays warning
+    assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
-def test_command_line_error_has_no_traceback(tmp_path):
-    """The real entry point, in its own process: one line, status 2, nothing written."""
-    params = google_vit_params()
-    del params["head/bias"]
-    path = write_npz(tmp_path / "no-head-bias.npz", params)
+def test_image_size_too_large_to_allocate(tmp_path, capsys, plain_npz):
+    argv = ["--npz_path", str(plain_npz), "--output_dir", str(tmp_path / "out"), "--image_size", str(PATCH * 10**6)]
+    assert "position embeddings need" in run_main_expecting_error(capsys, argv)
+
+
+@pytest.mark.slow
+def test_disk_full_while_writing_is_one_line_and_leaves_nothing(tmp_path, plain_npz):
+    """The real entry point, in its own process, on a real write failure: the file-size limit (with SIGXFSZ ignored)
+    makes writes past 32 KiB fail with EFBIG. One line, status 2, no traceback, nothing left behind."""
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, 32 * 1024))
+
     result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO_DIR / "convert_npz_to_hf.py"),
-            "--npz_path",
-            str(path),
-            "--output_dir",
-            str(tmp_path / "out"),
-        ],
+        [sys.executable, str(REPO_DIR / "convert_npz_to_hf.py"), "--npz_path", str(plain_npz), "--output_dir", "out"],
+        cwd=tmp_path,
         capture_output=True,
         text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"},
+        preexec_fn=limit_file_size,
     )
-    assert result.returncode == 2
-    assert result.stderr == "error: missing key `head/bias`\n"
-    assert not (tmp_path / "out").exists()
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "too large" in result.stderr.lower()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ViT-tiny.npz"]
+
+
+def test_overwrite_replaces_a_previous_conversion_only(tmp_path, capsys, plain_npz):
+    out = tmp_path / "out"
+    argv = ["--npz_path", str(plain_npz), "--output_dir", str(out)]
+    assert converter.main(argv) == 0
+    assert "exists and is not empty" in run_main_expecting_error(capsys, argv)
+    assert converter.main([*argv, "--overwrite", "--merge_mode", "ward", "--merge_r", "2"]) == 0
+    assert json.loads((out / "config.json").read_text())["merge_mode"] == "ward"
+
+    (out / "notes.txt").write_text("mine")
+    stderr = run_main_expecting_error(capsys, [*argv, "--overwrite"])
+    assert "holds what no conversion wrote (notes.txt)" in stderr
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("output_dir", [".", "..", "checkpoint folder"])
+def test_overwrite_never_targets_the_checkpoint_or_the_working_directory(tmp_path, capsys, monkeypatch, output_dir):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    npz = write_npz(folder / "tiny.npz", google_vit_params())
+    (tmp_path / "notes.txt").write_text("mine")
+    monkeypatch.chdir(folder)
+    target = str(folder) if output_dir == "checkpoint folder" else output_dir
+    stderr = run_main_expecting_error(capsys, ["--npz_path", str(npz), "--output_dir", target, "--overwrite"])
+    assert "holds the checkpoint or the current directory" in stderr
+    assert npz.is_file() and (tmp_path / "notes.txt").is_file()
+
+
+def test_staging_left_by_a_killed_conversion_is_removed_on_the_next_run(tmp_path, plain_npz):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale, foreign = tmp_path / f".out.converting-{dead.stdout.strip()}", tmp_path / ".out.converting-1-mine"
+    for folder in (stale, foreign):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+    (tmp_path / ".out.converting-1-mine" / "notes.txt").write_text("mine")
+    assert converter.main(["--npz_path", str(plain_npz), "--output_dir", str(tmp_path / "out")]) == 0
+    assert not stale.exists() and (foreign / "notes.txt").is_file()
+
+
+def test_choices_are_the_configs(capsys):
+    actions = {action.dest: action for action in converter.build_parser()._actions}
+    assert actions["merge_mode"].choices == MERGE_MODES and actions["classifier"].choices == CLASSIFIERS
+    assert "invalid choice: 'tome'" in run_main_expecting_error(capsys, ["--merge_mode", "tome"])
+
+
+def test_parse_merge_r_takes_an_int_or_one_per_layer():
+    assert converter.parse_merge_r("3") == 3 and converter.parse_merge_r("2,1,0") == [2, 1, 0]
+    with pytest.raises(ValueError, match="comma-separated ints"):
+        converter.parse_merge_r("2;1")
