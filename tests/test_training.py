@@ -223,6 +223,11 @@ def test_digits_end_to_end_learns_and_saves_a_loadable_model(tmp_path):
     assert list(output.glob("runs/*/events.out.tfevents.*"))
     for name in ("model.safetensors", "config.json", "preprocessor_config.json", "modeling_conformer.py"):
         assert (output / name).is_file(), name
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(output / "README.md")
+    assert card.data.eval_results[0].metric_value == round(metrics["eval_accuracy"], 4)
+    assert card.data.datasets is None and "on `digits`" in card.text  # digits is not a Hub dataset
     processor = json.loads((output / "preprocessor_config.json").read_text())
     assert processor["image_mean"] == processor["image_std"] == [0.5, 0.5, 0.5]
     assert processor["size"] == {"height": 16, "width": 16}
@@ -474,3 +479,108 @@ def test_cnn_head_with_merging_on_learns_digits(tmp_path):
     config = json.loads((output / "config.json").read_text())
     assert (config["classifier"], config["merge_mode"], config["merge_r"]) == ("cnn", "submodular", 2)
     assert results(output)["eval_accuracy"] > 0.8  # chance is 0.1; measured 0.96 (0.95-0.98 over seeds 0-4)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, before training
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--learning_rate", "-0.1"], "--learning_rate must be a number >= 0, got -0.1"),
+        (["--learning_rate", "nan"], "--learning_rate must be a number >= 0, got nan"),
+        (["--max_steps", "0"], "--max_steps 0 trains nothing"),
+    ],
+)
+def test_bad_training_flags_are_one_line(tmp_path, capsys, flags, message):
+    assert message in expect_error(capsys, "--output_dir", tmp_path, *TINY_MODEL, *QUICK, *flags)
+
+
+@pytest.mark.parametrize("where", ["file", "under a file", "read-only"])
+def test_unwritable_output_dir_is_refused_before_training(tmp_path, capsys, where):
+    (tmp_path / "notes.txt").write_text("the user's file")
+    output = {"file": tmp_path / "notes.txt", "under a file": tmp_path / "notes.txt" / "run", "read-only": "/proc"}
+    if where == "read-only" and not os.path.isdir("/proc"):
+        pytest.skip("needs a read-only folder such as Linux's /proc")
+    err = expect_error(capsys, "--output_dir", output[where], *TINY_MODEL, *QUICK)
+    assert ("is a file" if where == "file" else "cannot be written") in err
+    assert (tmp_path / "notes.txt").read_text() == "the user's file"
+
+
+def test_single_class_is_refused(tmp_path, capsys):
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat"])})
+    images = [Image.new("RGB", (4, 4), (i, i, i)) for i in range(8)]
+    datasets.Dataset.from_dict({"image": images, "label": [0] * 8}, features=features).save_to_disk(tmp_path / "data")
+    err = expect_error(capsys, "--dataset_name", tmp_path / "data", "--output_dir", tmp_path / "out", *QUICK)
+    assert "1 class(es) (cat); classification needs two or more" in err
+
+
+def test_none_label_is_refused(tmp_path, capsys):
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    images = [Image.new("RGB", (4, 4), (i, i, i)) for i in range(8)]
+    data = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 0, None, 1, 0, 1, 0]}, features=features)
+    datasets.DatasetDict(train=data).save_to_disk(tmp_path / "data")
+    err = expect_error(capsys, "--dataset_name", tmp_path / "data", "--output_dir", tmp_path / "out", *QUICK)
+    assert "1 example(s) of the train split have no label" in err
+
+
+def test_decompression_bomb_in_an_image_folder_is_one_line(tmp_path, capsys):
+    from test_data import png_header_only
+
+    train = image_folder(tmp_path / "train", modes=("RGB",))
+    (train / "dog" / "bomb.png").write_bytes(png_header_only(100_000, 100_000))
+    err = expect_error(
+        capsys, "--train_dir", train, "--output_dir", tmp_path / "out", "--cache_dir", tmp_path / "cache",
+        *TINY_MODEL, *QUICK, "--train_val_split", "0", "--do_eval", "False", "--per_device_train_batch_size", "3",
+        "--total_batch_size", "3",
+    )  # fmt: skip
+    assert "bomb.png is too large to decode" in err
+
+
+def test_sixteen_bit_images_train_as_their_levels(tmp_path):
+    """A 16-bit PNG reaches the model scaled to 8 bits, not clipped to white (the model sees the transformed batch)."""
+    train = tmp_path / "train"
+    for label, level in (("dark", 8000), ("light", 50000)):
+        for i in range(2):
+            (train / label).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8), level + i, np.uint16)).save(train / label / f"{i}.png")
+    model_args = script.ModelArguments(model_type="ViT-Ti_16", image_size=16, patch_size=4)
+    _, processor = script.build_model(model_args, labels=["dark", "light"])
+    dataset = script.image_data.load_image_dataset(
+        train_dir=str(train), train_val_split=0, cache_dir=str(tmp_path / "c")
+    )
+    _, transform = script.build_transforms(16, False, processor.image_mean, processor.image_std)
+    split = script.TransformedDataset(dataset["train"], transform)
+    means = sorted(float(split[i]["pixel_values"].mean()) for i in range(4))
+    # round(8000 / 257) = 31 -> 31/255 * 2 - 1 = -0.757; round(50000 / 257) = 195 -> 0.529
+    assert means == pytest.approx([-0.7569, -0.7569, 0.5294, 0.5294], abs=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model card
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_model_card_names_base_model_and_dataset_with_a_valid_model_index(tmp_path):
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    _, _, args = script.parse_arguments(["--output_dir", str(tmp_path / "vit-cifar10"), "--use_cpu"])
+    (tmp_path / "vit-cifar10").mkdir()
+    config = script.ConformerConfig.from_preset("ViT-B_16", merge_mode="bipartite", merge_r=8)
+    history = [{"loss": 1.0, "step": 10}, {"eval_accuracy": 0.81234, "step": 100}]
+    script.write_model_card(args, history, base_model="google/vit-base-patch16-224", dataset="cifar10", config=config)
+    card = ModelCard.load(tmp_path / "vit-cifar10" / "README.md")
+    assert card.data.base_model == "google/vit-base-patch16-224" and card.data.datasets == ["cifar10"]
+    name, results = model_index_to_eval_results(card.data.to_dict()["model-index"])  # the Hub's own parser
+    assert name == "vit-cifar10" and len(results) == 1
+    assert (results[0].metric_type, results[0].metric_value, results[0].dataset_type) == ("accuracy", 0.8123, "cifar10")
+    assert "fine-tuned from `google/vit-base-patch16-224` on `cifar10`" in card.text and "0.8123 accuracy" in card.text
+    assert "[](https://huggingface.co/)" not in card.content
+
+    # A local folder is not a Hub id: named in the text, not claimed as `base_model`
+    script.write_model_card(args, [], base_model=str(tmp_path), dataset="digits", config=config)
+    card = ModelCard.load(tmp_path / "vit-cifar10" / "README.md")
+    assert card.data.base_model is None and "model-index" not in card.data.to_dict() and str(tmp_path) in card.text
