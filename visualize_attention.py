@@ -1,10 +1,11 @@
 """Seeing what a Conformer does: attention rollout and merge maps, as one PNG.
 
-    python visualize_attention.py --model runs/demo --image sample --compare-modes --output docs/attention_sample.png
+    python visualize_attention.py --model runs/demo --image digits:0 digits:1 digits:2 --compare-modes \
+        --output docs/attention_sample.png
 
-draws, side by side, the image as the model sees it, the attention rollout from the class token to the patches
-(Abnar & Zuidema, 2020) overlaid on it, and one merge map per merge mode: each final token's patches painted with
-their mean colour and the token's border drawn, as in ToMe's figures (Bolya et al., 2023).
+draws, one row per image, the image as the model sees it, the attention rollout from the class token to the patches
+(Abnar & Zuidema, 2020) overlaid on it, and one merge map per merge mode of `MERGE_MODES`: each final token's patches
+painted with their mean colour and the token's border drawn, as in ToMe's figures (Bolya et al., 2023).
 
 The numbers come from pure functions that work on any batch: `attention_rollout` and `rollout_map` for the rollout,
 `merge_map` for the token each patch ended in. `trace_model` collects what they need from one forward pass (with
@@ -12,6 +13,7 @@ forward pre-hooks on the layers; the model is not changed); `paint_merge_map` an
 """
 
 import argparse
+import functools
 import math
 import sys
 from collections.abc import Sequence
@@ -21,17 +23,25 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.colors import hsv_to_rgb
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from modeling_conformer import max_merge_r
+from configuration_conformer import MERGE_MODES
+from image_data import load_digits_dataset, load_rgb_image
+from modeling_conformer import merge_schedule
 
-MERGE_MODES_COMPARED = ("bipartite", "submodular")
 SAMPLE_IMAGES = ("chelsea", "astronaut", "coffee")  # shipped inside scikit-image: no download
 DISPLAY_SIZE = 224  # panels are drawn at least this many pixels wide
 
 
-class VisualizeError(Exception):
-    """Bad input the command reports in one line (exit status 2)."""
+class VisualizeError(ValueError):
+    """Bad input, with a message that says what is wrong and what to do; `main` prints it as one `error:` line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors raise `VisualizeError`, so that they end as every other bad input does."""
+
+    def error(self, message):
+        raise VisualizeError(f"{message} (see --help)")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -232,21 +242,26 @@ class Panel:
     heat: np.ndarray | None = None  # [h, w], drawn with a colour map, half transparent
 
 
-def plot_panels(panels: Sequence[Panel], path: str | Path, dpi: int = 100) -> Path:
-    """Draw `panels` side by side with their titles into the PNG `path` (folders created) and return its path."""
+def plot_panels(rows: Sequence[Sequence[Panel]], path: Path, dpi: int = 100) -> Path:
+    """Draw `rows` of panels with their titles into the PNG `path` (folders created) and return its path."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
-    figure = Figure(figsize=(3.2 * len(panels), 3.6), dpi=dpi, layout="constrained")
-    axes = figure.subplots(1, len(panels), squeeze=False)[0]
-    for axis, panel in zip(axes, panels):
-        axis.imshow(panel.image, interpolation="nearest")
-        if panel.heat is not None:
-            axis.imshow(panel.heat, cmap="jet", alpha=0.5, interpolation="bilinear", vmin=0.0, vmax=1.0)
-        axis.set_title(panel.title, fontsize=10)
-        axis.set_axis_off()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", bbox_inches="tight", pad_inches=0.1)
+    num_columns = max(len(row) for row in rows)
+    figure = Figure(figsize=(3.2 * num_columns, 3.6 * len(rows)), dpi=dpi, layout="constrained")
+    axes = figure.subplots(len(rows), num_columns, squeeze=False)
+    for row_axes, row in zip(axes, rows):
+        for axis in row_axes:
+            axis.set_axis_off()
+        for axis, panel in zip(row_axes, row):
+            axis.imshow(panel.image, interpolation="nearest")
+            if panel.heat is not None:
+                axis.imshow(panel.heat, cmap="jet", alpha=0.5, interpolation="bilinear", vmin=0.0, vmax=1.0)
+            axis.set_title(panel.title, fontsize=10)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, format="png", bbox_inches="tight", pad_inches=0.1)
+    except OSError as exc:  # read-only folder or file, disk full
+        raise VisualizeError(f"cannot write {path}: {exc.strerror or exc}; choose another --output") from None
     return path
 
 
@@ -255,25 +270,46 @@ def plot_panels(panels: Sequence[Panel], path: str | Path, dpi: int = 100) -> Pa
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def load_image(spec: str) -> Image.Image:
-    """`spec` is a file path, `sample` (scikit-image's photograph of Chelsea the cat) or `sample:NAME` for another of
-    the photographs scikit-image ships (`astronaut`, `coffee`)."""
-    if spec == "sample" or spec.startswith("sample:"):
-        name = spec.partition(":")[2] or "chelsea"
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def check_output(path: Path):
+    """Refuse, before any work, an output that cannot become a PNG file: a folder, or a path under a file."""
+    if path.is_dir():
+        raise VisualizeError(f"--output {path} is a folder; give a file name, such as {path / 'attention.png'}")
+    existing = next(folder for folder in path.absolute().parents if folder.exists())
+    if not existing.is_dir():
+        raise VisualizeError(f"--output {path} lies under {existing}, which is a file; choose a path in a folder")
+
+
+@functools.cache
+def digits_validation_split():
+    """The digits the demo model did not train on (image_data's split, the same every time)."""
+    return load_digits_dataset()["validation"]
+
+
+def load_image(spec: str) -> tuple[Image.Image, str]:
+    """The RGB image `spec` names and its caption. `spec` is a file path, `sample` (scikit-image's photograph of
+    Chelsea the cat), `sample:NAME` for another photograph scikit-image ships (`astronaut`, `coffee`), or
+    `digits:INDEX` for an image of the digits' validation split."""
+    kind, _, name = spec.partition(":")
+    if kind == "sample":
+        name = name or "chelsea"
         if name not in SAMPLE_IMAGES:
             raise VisualizeError(f"unknown sample image {name!r}; choose one of {', '.join(SAMPLE_IMAGES)}")
         import skimage.data
 
-        return Image.fromarray(getattr(skimage.data, name)())
-    path = Path(spec)
-    if not path.is_file():
-        raise VisualizeError(f"image not found: {spec}")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise VisualizeError(f"cannot read {spec} as an image ({type(exc).__name__})") from None
+        return load_rgb_image(Image.fromarray(getattr(skimage.data, name)())), spec
+    if kind == "digits":
+        split = digits_validation_split()
+        if not (name.isdigit() and int(name) < len(split)):
+            raise VisualizeError(f"{spec!r}: give digits:INDEX with INDEX from 0 to {len(split) - 1}")
+        example = split[int(name)]
+        label = split.features["label"].int2str(example["label"])
+        return load_rgb_image(example["image"]), f"{spec} (a {label})"
+    return load_rgb_image(spec), Path(spec).name
 
 
 def load_model(model_id: str, **config_overrides):
@@ -282,12 +318,13 @@ def load_model(model_id: str, **config_overrides):
     from transformers import AutoConfig, AutoModelForImageClassification
 
     path = Path(model_id)
-    # A Hub id is `name` or `owner/name`; anything else, or a path inside an existing local folder, is a local path.
-    looks_local = path.is_absolute() or model_id.startswith(".") or model_id.count("/") > 1 or path.parent.is_dir()
-    if not path.exists() and looks_local and str(path.parent) != ".":
+    # A Hub id is `name` or `owner/name` (unless `owner` is a local folder); anything else is a local path.
+    owner, _, name = model_id.rpartition("/")
+    hub_id = name and not model_id.startswith((".", "/")) and "/" not in owner and not (owner and Path(owner).is_dir())
+    if not path.exists() and not hub_id:
         raise VisualizeError(f"model folder not found: {model_id}")
     if path.is_dir() and not (path / "config.json").is_file():
-        raise VisualizeError(f"{model_id} has no config.json: not a saved model folder")
+        raise VisualizeError(f"{model_id} has no config.json: give a folder written by save_pretrained")
     try:
         config = AutoConfig.from_pretrained(model_id, trust_remote_code=True)
         if getattr(config, "model_type", None) != "conformer":
@@ -298,85 +335,68 @@ def load_model(model_id: str, **config_overrides):
             model_id, config=config, trust_remote_code=True, attn_implementation="eager"
         ).eval()
     except (OSError, ValueError, KeyError, ImportError) as exc:
-        raise VisualizeError(f"cannot load model {model_id}: {_first_line(exc)}") from None
+        raise VisualizeError(f"cannot load model {model_id}: {first_line(exc)}") from None
 
 
-def load_image_processor(model_id: str):
-    """The model's image processor if it has one; `None` means: resize to the model's size, mean and std 0.5."""
-    from transformers import AutoImageProcessor
+def load_image_processor(model_id: str, image_size: int):
+    """The model's image processor; without one, ViT's: resize to the model's size, mean and std 0.5."""
+    from transformers import AutoImageProcessor, ViTImageProcessor
 
-    path = Path(model_id)
-    if path.is_dir() and not (path / "preprocessor_config.json").is_file():
-        return None
     try:
         return AutoImageProcessor.from_pretrained(model_id)
     except (OSError, ValueError, KeyError):
-        return None
+        return ViTImageProcessor(size={"height": image_size, "width": image_size})
 
 
-def preprocess(image: Image.Image, processor, config) -> tuple[torch.Tensor, np.ndarray]:
+def preprocess(image: Image.Image, processor, num_channels: int) -> tuple[torch.Tensor, np.ndarray]:
     """`pixel_values` [1, channels, h, w] for the model and the same picture as [h, w, 3] floats in [0, 1] for display
     (undoing the processor's normalisation, so the panels show exactly what the model saw)."""
-    image = image.convert("L" if config.num_channels == 1 else "RGB")
-    if processor is not None:
-        pixel_values = processor(images=image, return_tensors="pt")["pixel_values"].float()
-        mean = getattr(processor, "image_mean", None)
-        std = getattr(processor, "image_std", None)
-    else:
-        resized = image.resize((config.image_size, config.image_size), Image.Resampling.BILINEAR)
-        array = np.asarray(resized, dtype=np.float32).reshape(config.image_size, config.image_size, -1) / 255.0
-        pixel_values = (torch.from_numpy(array).permute(2, 0, 1)[None] - 0.5) / 0.5
-        mean, std = 0.5, 0.5
-    channels = pixel_values.shape[1]
-    if mean is not None and std is not None:
-        mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
-        std = torch.as_tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
-        display = pixel_values[0] * std + mean
-    else:  # unknown normalisation: stretch each channel to [0, 1]
-        flat = pixel_values[0].reshape(channels, -1)
-        low, high = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
-        display = (pixel_values[0] - low) / (high - low).clamp_min(1e-6)
+    image = image.convert("L" if num_channels == 1 else "RGB")
+    pixel_values = processor(images=image, return_tensors="pt")["pixel_values"].float()
+    display = pixel_values[0]
+    if getattr(processor, "do_normalize", False):
+        mean = torch.as_tensor(processor.image_mean, dtype=torch.float32).reshape(-1, 1, 1)
+        std = torch.as_tensor(processor.image_std, dtype=torch.float32).reshape(-1, 1, 1)
+        display = display * std + mean
     display = display.permute(1, 2, 0).clamp(0, 1).numpy()
-    if channels == 1:
-        display = np.repeat(display, 3, axis=-1)
-    return pixel_values, display
+    return pixel_values, np.broadcast_to(display, (*display.shape[:2], 3))
 
 
-def default_merge_r(num_patches: int, num_layers: int, share: float = 0.75) -> int:
-    """A constant r that removes about `share` of the patches over all layers, lowered until bipartite matching (the
-    stricter mode) can remove it in every layer."""
-    merge_r = max(1, int(share * num_patches / num_layers))
-    while merge_r > 0:
-        num_tokens, feasible = 1 + num_patches, True
-        for _ in range(num_layers):
-            feasible &= merge_r <= max_merge_r(num_tokens, "bipartite")
-            num_tokens -= merge_r
-        if feasible:
-            return merge_r
-        merge_r -= 1
-    return 0
+def default_merge_r(num_patches: int, num_layers: int, modes: Sequence[str], share: float = 0.75) -> list[int]:
+    """r per layer removing about `share` of the patches over all layers, lowered where a layer has too few tokens
+    for one of `modes`."""
+    return merge_schedule(max(1, int(share * num_patches / num_layers)), 1 + num_patches, num_layers, modes)
+
+
+def describe_merging(config) -> str:
+    merge_r = config.merge_r
+    if isinstance(merge_r, (list, tuple)) and len(set(merge_r)) == 1:
+        merge_r = merge_r[0]  # a constant schedule reads as one number
+    return f"{config.merge_mode}, r={merge_r}" if merging_on(config) else "no merging"
+
+
+def predicted_label(logits: torch.Tensor, config) -> str:
+    predicted = int(logits.argmax())
+    return (config.id2label or {}).get(predicted, str(predicted))
 
 
 def merging_on(config) -> bool:
     return config.merge_mode != "none" and any(config.merge_r_per_layer)
 
 
-def describe_merging(config) -> str:
-    return f"{config.merge_mode}, r={config.merge_r}" if merging_on(config) else "no merging"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Draw a Conformer's attention rollout and merge maps for one image into a PNG.",
+    parser = ArgumentParser(
+        description="Draw a Conformer's attention rollout and merge maps for some images into a PNG, one row each.",
     )
     parser.add_argument("--model", required=True, help="Model folder (saved with save_pretrained) or Hub id.")
     parser.add_argument(
         "--image",
         required=True,
-        help="Image file, or `sample` for scikit-image's photograph of a cat (`sample:astronaut`, `sample:coffee`: "
-        "other bundled photographs).",
+        nargs="+",
+        help="Image files, `digits:INDEX` for an image of the digits' validation split, or `sample` for "
+        "scikit-image's photograph of a cat (`sample:astronaut`, `sample:coffee`: other bundled photographs).",
     )
-    parser.add_argument("--output", default="attention.png", help="PNG to write (default: %(default)s).")
+    parser.add_argument("--output", default="attention.png", type=Path, help="PNG to write (default: %(default)s).")
     parser.add_argument(
         "--layer",
         type=int,
@@ -387,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--compare-modes",
         action="store_true",
-        help="Also run the same weights with merge_mode bipartite and with submodular and draw both merge maps.",
+        help=f"Run the same weights with every merge mode ({', '.join(MERGE_MODES[1:])}) and draw each merge map.",
     )
     parser.add_argument(
         "--merge-r",
@@ -401,11 +421,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
-
-
 def display_image(display: np.ndarray, grid: tuple[int, int], patch_size: int) -> np.ndarray:
     """The part of `display` [h, w, 3] that the patches cover, resized to whole cells of at least DISPLAY_SIZE pixels
     across, so that patch borders fall on pixel borders."""
@@ -416,28 +431,37 @@ def display_image(display: np.ndarray, grid: tuple[int, int], patch_size: int) -
     return np.asarray(picture, dtype=np.float32) / 255.0
 
 
-def merge_panel(image: np.ndarray, trace: MergeTrace, layer: int, grid: tuple[int, int], mode: str, merge_r) -> Panel:
+def merge_panel(image: np.ndarray, trace: MergeTrace, layer: int, grid: tuple[int, int], config) -> Panel:
     """The merge map after `layer` of one traced run, painted over `image`."""
     labels = merge_map(trace.source_maps[layer + 1], grid)[0].numpy()
     num_patch_tokens = trace.token_sizes[layer + 1].shape[1] - 1
     border_width = max(1, image.shape[0] // (8 * grid[0]))
-    title = f"{mode} merge map (r={merge_r})\n{num_patch_tokens} patch tokens after layer {layer}"
+    predicted = predicted_label(trace.logits[0], config)
+    title = f"{describe_merging(config)}: {num_patch_tokens} patch tokens\nafter layer {layer}, predicts {predicted}"
     return Panel(paint_merge_map(image, labels, border_width), title)
 
 
-def render(args: argparse.Namespace) -> Path:
-    """Everything the command does; bad input raises `VisualizeError`."""
-    image = load_image(args.image)
-    model = load_model(args.model)
+def models_to_draw(model, compare_modes: bool, merge_r: int | None, num_patches: int) -> list:
+    """The models whose merge maps are drawn: `model` itself if it merges, or with `compare_modes` its weights under
+    every merge mode, at `merge_r` (default: the model's own, or `default_merge_r` if it does not merge)."""
     config = model.config
-    num_layers = config.num_hidden_layers
-    if not -num_layers <= args.layer < num_layers:
-        raise VisualizeError(f"--layer {args.layer} is out of range: the model has layers 0..{num_layers - 1}")
-    layer = args.layer % num_layers
-    if args.merge_r is not None and args.merge_r < 0:
-        raise VisualizeError(f"--merge-r must be >= 0, got {args.merge_r}")
+    if not compare_modes:
+        return [model] if merging_on(config) else []
+    modes = [mode for mode in MERGE_MODES if mode != "none"]
+    if merge_r is None:
+        merging = merging_on(config)
+        merge_r = config.merge_r if merging else default_merge_r(num_patches, config.num_hidden_layers, modes)
+    return [
+        model
+        if (mode, merge_r) == (config.merge_mode, config.merge_r)
+        else load_model(config.name_or_path, merge_mode=mode, merge_r=merge_r)
+        for mode in modes
+    ]
 
-    pixel_values, display = preprocess(image, load_image_processor(args.model), config)
+
+def draw_row(caption: str, pixel_values: torch.Tensor, display: np.ndarray, model, merge_models, layer: int):
+    """The panels of one image: the image with the predicted label, the rollout, one merge map per model."""
+    config = model.config
     grid = (pixel_values.shape[-2] // config.patch_size, pixel_values.shape[-1] // config.patch_size)
     forward_kwargs = {}
     if tuple(pixel_values.shape[-2:]) != (config.image_size, config.image_size):
@@ -448,42 +472,54 @@ def render(args: argparse.Namespace) -> Path:
     rollout = attention_rollout(trace.attentions[: layer + 1], trace.source_maps[: layer + 1])
     heat = rollout_map(rollout, grid)[0].numpy()
     heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-12)  # stretched to [0, 1] for display
-    predicted = int(trace.logits[0].argmax())
-    label = (config.id2label or {}).get(predicted, str(predicted))
+    model_name = Path(config.name_or_path).name
     panels = [
-        Panel(shown, f"{args.image} ({grid[0]}x{grid[1]} patches)\n{Path(args.model).name} predicts: {label}"),
+        Panel(
+            shown,
+            f"{caption}, {grid[0]}x{grid[1]} patches\n{model_name} predicts {predicted_label(trace.logits[0], config)}",
+        ),
         Panel(
             shown,
             f"attention rollout, layers 0-{layer}\n({describe_merging(config)}; min-max scaled)",
             heat=upsample_map(heat, shown.shape[:2]),
         ),
     ]
+    for merge_model in merge_models:
+        merge_trace = trace if merge_model is model else trace_model(merge_model, pixel_values, **forward_kwargs)
+        panels.append(merge_panel(shown, merge_trace, layer, grid, merge_model.config))
+    return panels
 
-    if args.compare_modes:
-        merge_r = args.merge_r
-        if merge_r is None:
-            merge_r = config.merge_r if merging_on(config) else default_merge_r(grid[0] * grid[1], num_layers)
-        for mode in MERGE_MODES_COMPARED:
-            if mode == config.merge_mode and merge_r == config.merge_r:
-                mode_trace = trace
-            else:
-                mode_model = load_model(args.model, merge_mode=mode, merge_r=merge_r)
-                mode_trace = trace_model(mode_model, pixel_values, **forward_kwargs)
-            panels.append(merge_panel(shown, mode_trace, layer, grid, mode, merge_r))
-    elif merging_on(config):
-        panels.append(merge_panel(shown, trace, layer, grid, config.merge_mode, config.merge_r))
-    return plot_panels(panels, args.output)
+
+def render(args: argparse.Namespace) -> Path:
+    """Everything the command does; bad input raises `ValueError` or `OSError`."""
+    check_output(args.output)
+    images = [load_image(spec) for spec in args.image]
+    model = load_model(args.model)
+    config = model.config
+    num_layers = config.num_hidden_layers
+    if not -num_layers <= args.layer < num_layers:
+        raise VisualizeError(f"--layer {args.layer} is out of range: the model has layers 0..{num_layers - 1}")
+    layer = args.layer % num_layers
+
+    processor = load_image_processor(args.model, config.image_size)
+    inputs = [preprocess(image, processor, config.num_channels) for image, _ in images]
+    num_patches = math.prod(size // config.patch_size for size in inputs[0][0].shape[-2:])
+    merge_models = models_to_draw(model, args.compare_modes, args.merge_r, num_patches)
+    rows = [
+        draw_row(caption, pixel_values, display, model, merge_models, layer)
+        for (_, caption), (pixel_values, display) in zip(images, inputs)
+    ]
+    return plot_panels(rows, args.output)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from transformers.utils import logging as transformers_logging
 
-    args = build_parser().parse_args(argv)
     transformers_logging.disable_progress_bar()
     try:
-        path = render(args)
-    except VisualizeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        path = render(build_parser().parse_args(argv))
+    except (ValueError, OSError) as exc:
+        print(f"error: {first_line(exc)}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
     return 0

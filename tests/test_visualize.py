@@ -1,14 +1,20 @@
 """Attention rollout and merge maps (visualize_attention.py): the numbers, then the command."""
 
+import os
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from configuration_conformer import ConformerConfig
+from configuration_conformer import MERGE_MODES, ConformerConfig
 from modeling_conformer import ConformerForImageClassification
 from visualize_attention import (
     attention_rollout,
+    default_merge_r,
     expand_to_original_tokens,
+    load_image,
     main,
     merge_map,
     rollout_map,
@@ -17,6 +23,7 @@ from visualize_attention import (
 )
 
 GRID = (8, 8)  # image 32, patch 4
+MERGING_MODES = [mode for mode in MERGE_MODES if mode != "none"]
 
 
 def tiny_model(merge_mode="none", merge_r=0, seed=0):
@@ -57,7 +64,7 @@ def test_rollout_equals_plain_rollout_without_merging(pixel_values):
     torch.testing.assert_close(attention_rollout(trace.attentions), expected)
 
 
-@pytest.mark.parametrize("merge_mode", ["none", "bipartite", "submodular"])
+@pytest.mark.parametrize("merge_mode", MERGE_MODES)
 def test_rollout_rows_sum_to_one_and_map_covers_patch_grid(pixel_values, merge_mode):
     trace = trace_model(tiny_model(merge_mode, merge_r=8), pixel_values)
     rollout = attention_rollout(trace.attentions, trace.source_maps[:-1])
@@ -77,10 +84,11 @@ def test_expansion_worked_by_hand():
     torch.testing.assert_close(expand_to_original_tokens(matrix, source_map), expected)
 
 
-def test_rollout_after_a_merge_equals_token_space_rollout_carried_once(pixel_values):
+@pytest.mark.parametrize("merge_mode", MERGING_MODES)
+def test_rollout_after_a_merge_equals_token_space_rollout_carried_once(pixel_values, merge_mode):
     # Merging only in layer 0: layers 1 and 2 share one source map, so carrying each layer back to the patches and
     # multiplying equals multiplying in token space and carrying the product back once (as the docstring claims).
-    trace = trace_model(tiny_model("submodular", merge_r=[20, 0, 0]), pixel_values)
+    trace = trace_model(tiny_model(merge_mode, merge_r=[20, 0, 0]), pixel_values)
     source_map = trace.source_maps[1]
     token_space = plain_rollout(trace.attentions[1:])
     torch.testing.assert_close(
@@ -89,7 +97,7 @@ def test_rollout_after_a_merge_equals_token_space_rollout_carried_once(pixel_val
     )
 
 
-@pytest.mark.parametrize("merge_mode", ["bipartite", "submodular"])
+@pytest.mark.parametrize("merge_mode", MERGING_MODES)
 def test_token_sizes_counted_from_source_maps_are_the_models(pixel_values, merge_mode):
     trace = trace_model(tiny_model(merge_mode, merge_r=8), pixel_values)
     assert [sizes.shape[1] for sizes in trace.token_sizes] == [65, 57, 49, 41]
@@ -97,7 +105,7 @@ def test_token_sizes_counted_from_source_maps_are_the_models(pixel_values, merge
         torch.testing.assert_close(token_sizes_from_source_map(source_map, sizes.shape[1]), sizes.float())
 
 
-@pytest.mark.parametrize("merge_mode", ["bipartite", "submodular"])
+@pytest.mark.parametrize("merge_mode", MERGING_MODES)
 def test_merge_map_partitions_patches_into_final_tokens(pixel_values, merge_mode):
     model = tiny_model(merge_mode, merge_r=8)
     with torch.no_grad():
@@ -112,6 +120,31 @@ def test_merge_map_partitions_patches_into_final_tokens(pixel_values, merge_mode
         torch.testing.assert_close(counts[1:].float(), outputs.token_sizes[image, 1:])
 
 
+def test_default_merge_r_is_lowered_where_bipartite_runs_out_of_tokens():
+    # 8 patches, 2 layers, all of them asked for: r = 4 per layer. Layer 0 has 9 tokens, of which bipartite matching
+    # can remove 4 (set A holds 5, one the class token); layer 1 has 5 tokens, set A 3, so 2 (ward could remove 3).
+    assert default_merge_r(8, 2, MERGING_MODES, share=1.0) == [4, 2]
+    assert default_merge_r(8, 2, ["ward"], share=1.0) == [4, 3]
+    assert default_merge_r(64, 4, MERGING_MODES) == [12, 12, 12, 12]
+
+
+def test_sixteen_bit_png_keeps_its_grey_levels(tmp_path):
+    path = tmp_path / "gradient16.png"
+    levels = np.array([[0, 257, 32768, 65535]], dtype=np.uint16)  # 0, 1, 128 and 255 in 8 bits
+    Image.fromarray(levels).save(path)
+    with Image.open(path) as saved:
+        assert saved.mode.startswith("I")  # stored as 16 bits
+    image, caption = load_image(str(path))
+    assert caption == "gradient16.png"
+    np.testing.assert_array_equal(np.asarray(image)[0, :, 0], [0, 1, 128, 255])
+
+
+def test_digits_images_come_with_their_labels():
+    image, caption = load_image("digits:0")
+    assert image.size == (8, 8) and image.mode == "RGB"
+    assert caption.startswith("digits:0 (a ") and caption[-2].isdigit()
+
+
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_conformer")
@@ -119,13 +152,21 @@ def model_folder(tmp_path_factory):
     return folder
 
 
-def test_cli_writes_png_with_rollout_and_both_merge_maps(model_folder, tmp_path, capsys):
-    output = tmp_path / "figures" / "attention.png"
-    assert main(["--model", str(model_folder), "--image", "sample", "--output", str(output), "--compare-modes"]) == 0
-    with Image.open(output) as picture:
+def png_size(path):
+    with Image.open(path) as picture:
         assert picture.format == "PNG"
-        width, height = picture.size
-    assert 1000 < width < 1600 and 250 < height < 500  # four panels side by side
+        return picture.size
+
+
+def test_cli_draws_rollout_and_every_modes_merge_map_one_row_per_image(model_folder, tmp_path):
+    output = tmp_path / "figures" / "attention.png"
+    argv = ["--model", str(model_folder), "--output", str(output), "--compare-modes", "--image"]
+    assert main([*argv, "sample"]) == 0
+    width, height = png_size(output)
+    num_panels = 2 + len(MERGING_MODES)  # image, rollout, one merge map per mode
+    assert 250 * num_panels < width < 400 * num_panels and 250 < height < 500
+    assert main([*argv, "sample", "digits:3"]) == 0
+    assert png_size(output)[0] == width and 1.8 * height < png_size(output)[1] < 2.2 * height
 
 
 def test_cli_draws_image_file_up_to_a_layer(model_folder, tmp_path):
@@ -135,24 +176,70 @@ def test_cli_draws_image_file_up_to_a_layer(model_folder, tmp_path):
     assert (
         main(["--model", str(model_folder), "--image", str(image_path), "--output", str(output), "--layer", "0"]) == 0
     )
-    with Image.open(output) as picture:
-        assert picture.format == "PNG" and picture.size[0] > picture.size[1]  # image and rollout
+    width, height = png_size(output)
+    assert width > height  # image and rollout side by side
 
 
-@pytest.mark.parametrize("problem", ["missing image", "not an image", "missing model", "layer out of range"])
-def test_cli_bad_input_is_one_line_error(model_folder, tmp_path, capsys, problem):
-    image, model, extra = "sample", str(model_folder), []
+def read_only_folder(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o500)
+    if os.access(folder, os.W_OK):  # root ignores permission bits
+        return Path("/sys")  # sysfs refuses new files, root's included
+    return folder
+
+
+BAD_INPUTS = [
+    "missing image",
+    "not an image",
+    "decompression bomb",
+    "bad digits index",
+    "missing model",
+    "layer out of range",
+    "negative merge_r",
+    "output is a folder",
+    "output under a file",
+    "output read-only",
+    "unknown option",
+    "no --model",
+]
+
+
+@pytest.mark.parametrize("problem", BAD_INPUTS)
+def test_cli_bad_input_is_one_line_error(model_folder, tmp_path, capsys, monkeypatch, problem):
+    image, model, output, extra = "sample", str(model_folder), tmp_path / "out.png", []
     if problem == "missing image":
         image = str(tmp_path / "nope.png")
     elif problem == "not an image":
         (tmp_path / "notes.png").write_text("not a picture")
         image = str(tmp_path / "notes.png")
+    elif problem == "decompression bomb":
+        Image.new("RGB", (40, 30)).save(tmp_path / "big.png")
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's own limit, lowered to fit a test
+        image = str(tmp_path / "big.png")
+    elif problem == "bad digits index":
+        image = "digits:100000"
     elif problem == "missing model":
         model = str(tmp_path / "no_model")
-    else:
+    elif problem == "layer out of range":
         extra = ["--layer", "3"]
-    status = main(["--model", model, "--image", image, "--output", str(tmp_path / "out.png"), *extra])
+    elif problem == "negative merge_r":
+        extra = ["--compare-modes", "--merge-r", "-1"]
+    elif problem == "output is a folder":
+        output = tmp_path
+    elif problem == "output under a file":
+        (tmp_path / "file.txt").write_text("the user's notes")
+        output = tmp_path / "file.txt" / "out.png"
+    elif problem == "output read-only":
+        output = read_only_folder(tmp_path) / "out.png"
+    elif problem == "unknown option":
+        extra = ["--colour", "blue"]
+    status = main(
+        ["--model", model, "--image", image, "--output", str(output), *extra][2 * (problem == "no --model") :]
+    )
     err = capsys.readouterr().err
     assert status == 2
     assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert not (tmp_path / "out.png").exists()
+    assert not output.is_file()
+    if problem == "output under a file":
+        assert (tmp_path / "file.txt").read_text() == "the user's notes"
