@@ -40,16 +40,13 @@ SEED_CHECKPOINTS = ("ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32", "ViT-H_14", 
 # Google's names use "R50+ViT-B_16"; our preset (and card file) names avoid the "+".
 UPSTREAM_FILE_NAMES = {"R50-ViT-B_16": "R50+ViT-B_16"}
 README_URL = "https://github.com/google-research/vision_transformer"
+ISSUE_39 = f"{README_URL}/issues/39"
 # ImageNet-1k top-1 (%) of Google's released ImageNet-21k -> ImageNet-2012 fine-tuned checkpoints, keyed by
 # (model type, fine-tuning resolution): only numbers Google states for those very files, with their source.
 UPSTREAM_ACCURACY = {
     ("ViT-B_16", 224): (81.2, "google-research/vision_transformer README (the '-224' checkpoints)", README_URL),
     ("ViT-L_16", 224): (82.7, "google-research/vision_transformer README (the '-224' checkpoints)", README_URL),
-    ("R50-ViT-B_16", 384): (
-        85.082,
-        "google-research/vision_transformer issue #39 (maintainer's answer)",
-        f"{README_URL}/issues/39",
-    ),
+    ("R50-ViT-B_16", 384): (85.082, "google-research/vision_transformer issue #39 (maintainer's answer)", ISSUE_39),
 }
 # Config fields the checkpoint decides; `**overrides` may set anything else (merging, classifier, dropout).
 ARCHITECTURE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size")
@@ -1008,60 +1005,31 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ConversionError(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        description="Convert a Google ViT checkpoint (.npz) into a Hub-ready Conformer folder, exact to timm's loader."
-    )
-    parser.add_argument("--npz_path", help="Google's checkpoint, e.g. ViT-B_16.npz or R50+ViT-B_16.npz.")
-    parser.add_argument(
-        "--output_dir", help="Folder to write: absent, empty, or (with --overwrite) a previous conversion."
-    )
-    parser.add_argument(
-        "--model_type",
-        help="Expected model (ViT-B_16, ViT-B_32, ViT-L_16, ViT-L_32, ViT-H_14, R50+ViT-B_16): only a cross-check, "
-        "the architecture is read from the checkpoint.",
-    )
-    parser.add_argument(
-        "--image_size",
-        type=int,
-        help="Resolution of the converted model; position embeddings are resampled bilinearly (as timm) if it "
-        "differs from the checkpoint's.",
-    )
-    labels = parser.add_mutually_exclusive_group()
-    labels.add_argument(
-        "--num_labels",
-        type=int,
-        help="Number of classes (default: the checkpoint's); another count gives a new, zero-initialised head.",
-    )
-    labels.add_argument(
-        "--id2label", help='JSON file naming the classes ({"0": "cat", ...} or a list); sets num_labels.'
-    )
-    parser.add_argument(
-        "--merge_mode", choices=MERGE_MODES, default="none", help="Token merging between attention and MLP."
-    )
-    parser.add_argument(
-        "--merge_r", default="0", help="Tokens merged per layer: one int, or one per layer (comma-separated)."
-    )
-    parser.add_argument(
-        "--classifier",
-        choices=CLASSIFIERS,
-        default="token",
-        help="Pooling for the head; 'cnn' needs a new head (the checkpoint's head reads the class token).",
-    )
-    parser.add_argument("--push_to_hub", metavar="REPO_ID", help="Upload the folder to this Hub repository afterwards.")
-    parser.add_argument(
-        "--verify", action="store_true", help="Load the folder back and compare its logits with timm's loader."
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="Replace an --output_dir that a previous conversion wrote."
-    )
-    parser.add_argument(
+ARGUMENTS = [  # (flag, argparse keywords, help)
+    ("--npz_path", {}, "Google's checkpoint, e.g. ViT-B_16.npz or R50+ViT-B_16.npz."),
+    ("--output_dir", {}, "Folder to write: absent, empty, or (with --overwrite) a previous conversion."),
+    ("--model_type", {}, "Expected model (ViT-B_16, ..., R50+ViT-B_16): a cross-check of the shapes read."),
+    ("--image_size", dict(type=int), "Resolution; position embeddings are resampled bilinearly (as timm)."),
+    ("--num_labels", dict(type=int), "Classes (default: the checkpoint's); another count gives a zero head."),
+    ("--id2label", {}, 'JSON file naming the classes ({"0": "cat", ...} or a list); sets num_labels.'),
+    ("--merge_mode", dict(choices=MERGE_MODES, default="none"), "Token merging between attention and MLP."),
+    ("--merge_r", dict(default="0"), "Tokens merged per layer: one int, or one per layer (comma-separated)."),
+    ("--classifier", dict(choices=CLASSIFIERS, default="token"), "Pooling for the head; 'cnn' gets a new head."),
+    ("--push_to_hub", dict(metavar="REPO_ID"), "Upload the folder to this Hub repository afterwards."),
+    ("--verify", dict(action="store_true"), "Load the folder back and compare its outputs with timm's loader."),
+    ("--overwrite", dict(action="store_true"), "Replace an --output_dir that a previous conversion wrote."),
+    (
         "--write_model_cards",
-        nargs="?",
-        const=str(REPO_DIR / "model_cards"),
-        metavar="DIR",
-        help="Regenerate the cards of the released checkpoints (default: model_cards/) and exit.",
-    )
+        dict(nargs="?", const=str(REPO_DIR / "model_cards"), metavar="DIR"),
+        "Regenerate the cards of the released checkpoints (default: model_cards/) and exit.",
+    ),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description="Convert a Google ViT checkpoint (.npz) into a Hub-ready Conformer folder.")
+    for flag, keywords, help_text in ARGUMENTS:
+        parser.add_argument(flag, help=help_text, **keywords)
     return parser
 
 
