@@ -141,26 +141,23 @@ def merge_map(source_map: torch.LongTensor, grid: tuple[int, int]) -> torch.Long
 
 @dataclass
 class MergeTrace:
-    """What one forward pass did. `source_maps[l]` and `token_sizes[l]` enter layer l; the last entry is the output
-    (so both lists have one more entry than `attentions`)."""
+    """What one forward pass did. `source_maps[l]` enters layer l and the last one is the output's, so there is one
+    more source map than attention map; token sizes are counted from them (`token_sizes_from_source_map`)."""
 
     logits: torch.Tensor
     attentions: list[torch.Tensor]  # [batch, heads, N_l, N_l] each
     source_maps: list[torch.LongTensor]  # [batch, 1 + patches] each
-    token_sizes: list[torch.Tensor]  # [batch, N_l] each
 
 
 def trace_model(model, pixel_values: torch.Tensor, **forward_kwargs) -> MergeTrace:
-    """Run a Conformer image classifier (loaded with `attn_implementation="eager"`) and collect each layer's attention,
-    source map and token sizes. The per-layer maps come from forward pre-hooks on `model.conformer.layers`, removed
+    """Run a Conformer image classifier (loaded with `attn_implementation="eager"`) and collect each layer's attention
+    and the source map entering it. The source maps come from forward pre-hooks on `model.conformer.layers`, removed
     before returning."""
     layers = model.conformer.layers
-    entering = []
+    source_maps = []
 
-    def record(module, args, kwargs):
-        names = ("hidden_states", "token_sizes", "source_map")
-        values = {name: args[i] if i < len(args) else kwargs.get(name) for i, name in enumerate(names)}
-        entering.append(values)
+    def record(module, args, kwargs):  # the layer's arguments: hidden_states, token_sizes, source_map
+        source_maps.append(args[2] if len(args) > 2 else kwargs["source_map"])
 
     handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
     try:
@@ -176,14 +173,7 @@ def trace_model(model, pixel_values: torch.Tensor, **forward_kwargs) -> MergeTra
             if not attentions
             else f"the model returned {len(attentions)} attention maps for {len(layers)} layers"
         )
-    source_maps, token_sizes = [], []
-    for values in entering:
-        hidden_states, sizes = values["hidden_states"], values["token_sizes"]
-        source_maps.append(values["source_map"])
-        token_sizes.append(hidden_states.new_ones(hidden_states.shape[:2]) if sizes is None else sizes[..., 0])
-    source_maps.append(outputs.source_map)
-    token_sizes.append(outputs.token_sizes)
-    return MergeTrace(outputs.logits, attentions, source_maps, token_sizes)
+    return MergeTrace(outputs.logits, attentions, [*source_maps, outputs.source_map])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -434,7 +424,7 @@ def display_image(display: np.ndarray, grid: tuple[int, int], patch_size: int) -
 def merge_panel(image: np.ndarray, trace: MergeTrace, layer: int, grid: tuple[int, int], config) -> Panel:
     """The merge map after `layer` of one traced run, painted over `image`."""
     labels = merge_map(trace.source_maps[layer + 1], grid)[0].numpy()
-    num_patch_tokens = trace.token_sizes[layer + 1].shape[1] - 1
+    num_patch_tokens = len(np.unique(labels))
     border_width = max(1, image.shape[0] // (8 * grid[0]))
     predicted = predicted_label(trace.logits[0], config)
     title = f"{describe_merging(config)}: {num_patch_tokens} patch tokens\nafter layer {layer}, predicts {predicted}"
