@@ -37,6 +37,7 @@ from transformers.training_args import OptimizerNames
 
 import image_data
 from configuration_conformer import CLASSIFIERS, MERGE_MODES, PRESETS, ConformerConfig
+from convert_npz_to_hf import convert_checkpoint, image_processor, parse_merge_r
 from image_data import (
     IMAGE_COLUMN_NAMES,
     LABEL_COLUMN_NAMES,
@@ -266,17 +267,6 @@ def parse_arguments(args: list[str]) -> tuple[ModelArguments, DataTrainingArgume
         raise ScriptError(str(error).strip().splitlines()[0]) from error
 
 
-def parse_merge_r(value: str | None) -> int | list[int] | None:
-    """`--merge_r`: `"8"` or `"8,8,4"`."""
-    if value is None:
-        return None
-    try:
-        numbers = [int(part) for part in str(value).split(",")]
-    except ValueError:
-        raise ScriptError(f"--merge_r must be an int or comma-separated ints, got {value!r}.") from None
-    return numbers[0] if len(numbers) == 1 else numbers
-
-
 def check_output_dir(output_dir: str):
     """Fail before training, not at the first save, when --output_dir cannot be written: it is a file, lies under one,
     or is read-only. A missing folder is created, as the Trainer would."""
@@ -300,8 +290,6 @@ def load_checkpoint(model_args: ModelArguments):
     if model_args.npz_path is not None:
         if not os.path.isfile(model_args.npz_path):
             raise ScriptError(f"--npz_path {model_args.npz_path!r} is not a file.")
-        from convert_npz_to_hf import convert_checkpoint, image_processor  # only this code path needs the converter
-
         try:  # the converter resamples the position embeddings itself when the size differs
             model = convert_checkpoint(model_args.npz_path, image_size=model_args.image_size)
         except ValueError as error:
@@ -342,7 +330,7 @@ def build_config(base: ConformerConfig | None, model_args: ModelArguments, label
         "image_size": model_args.image_size,
         "patch_size": model_args.patch_size,
         "merge_mode": model_args.merge_mode,
-        "merge_r": parse_merge_r(model_args.merge_r),
+        "merge_r": model_args.merge_r,
         "classifier": model_args.classifier,
     }
     changes = {key: value for key, value in changes.items() if value is not None}
@@ -350,6 +338,8 @@ def build_config(base: ConformerConfig | None, model_args: ModelArguments, label
         num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}
     )
     try:
+        if changes.get("merge_r") is not None:
+            changes["merge_r"] = parse_merge_r(changes["merge_r"])
         config = copy.deepcopy(base or ConformerConfig.from_preset(model_args.model_type or "ViT-B_16"))
         for key, value in changes.items():  # all set before any check: a new depth and its schedule go together
             setattr(config, key, value)

@@ -288,53 +288,12 @@ def test_transformers_vit_folder_trains_end_to_end(vit_folder, tmp_path, capsys)
     assert (config["model_type"], len(config["id2label"]), config["merge_mode"]) == ("conformer", 10, "bipartite")
 
 
-def synthetic_google_npz(path, width=32, depth=2, heads=2, mlp=64, patch=4, grid=4, classes=5):
-    """Random weights under the keys of google-research/vision_transformer's ViT checkpoints."""
-    rng = np.random.default_rng(0)
-
-    def rand(*shape):
-        return (0.1 * rng.standard_normal(shape)).astype(np.float32)
-
-    params = {
-        "embedding/kernel": rand(patch, patch, 3, width),
-        "embedding/bias": rand(width),
-        "cls": rand(1, 1, width),
-        "Transformer/posembed_input/pos_embedding": rand(1, 1 + grid * grid, width),
-        "Transformer/encoder_norm/scale": 1 + rand(width),
-        "Transformer/encoder_norm/bias": rand(width),
-        "head/kernel": rand(width, classes),
-        "head/bias": rand(classes),
-    }
-    for layer in range(depth):
-        block = f"Transformer/encoderblock_{layer}/"
-        attention = block + "MultiHeadDotProductAttention_1/"
-        for name in ("query", "key", "value"):
-            params[f"{attention}{name}/kernel"] = rand(width, heads, width // heads)
-            params[f"{attention}{name}/bias"] = rand(heads, width // heads)
-        params[attention + "out/kernel"], params[attention + "out/bias"] = (
-            rand(heads, width // heads, width),
-            rand(width),
-        )
-        for norm in ("LayerNorm_0", "LayerNorm_2"):
-            params[f"{block}{norm}/scale"], params[f"{block}{norm}/bias"] = 1 + rand(width), rand(width)
-        params[block + "MlpBlock_3/Dense_0/kernel"], params[block + "MlpBlock_3/Dense_0/bias"] = (
-            rand(width, mlp),
-            rand(mlp),
-        )
-        params[block + "MlpBlock_3/Dense_1/kernel"], params[block + "MlpBlock_3/Dense_1/bias"] = (
-            rand(mlp, width),
-            rand(width),
-        )
-    np.savez(path, **params)
-    return path
-
-
-def test_npz_checkpoint_is_converted_on_the_fly(tmp_path):
+def test_npz_checkpoint_is_converted_on_the_fly(tmp_path, google_npz):
     try:
         from convert_npz_to_hf import convert_checkpoint
     except ImportError:
         pytest.skip("convert_npz_to_hf is not importable")
-    npz = synthetic_google_npz(tmp_path / "ViT-tiny.npz")
+    npz = google_npz(tmp_path / "ViT-tiny.npz", width=32, depth=2, heads=2, mlp=64, patch=4, grid=4, classes=5)
     output = tmp_path / "out"
     args = ["--npz_path", npz, "--image_size", "24", "--ignore_mismatched_sizes", "--merge_mode", "submodular"]
     assert run_main(*args, "--merge_r", "3", "--output_dir", output, *QUICK) == 0
