@@ -4,7 +4,10 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 MERGE_MODES = ("none", "bipartite", "submodular", "ward")
-CLASSIFIERS = ("token", "gap", "cnn")
+CLASSIFIERS = ("token", "gap", "cnn", "token_gap", "distilled")
+MLP_TYPES = ("mlp", "swiglu")
+FINAL_LAYERNORMS = ("tokens", "pooled")
+POOLERS = ("none", "dense_tanh", "class_token", "attention")
 
 
 # Google's released ViT shapes (ViT paper, table 1) and the hybrid's ResNet stage depths, plus the
@@ -70,6 +73,33 @@ class ConformerConfig(PreTrainedConfig):
             the patch grid, then a small convolutional head).
         cnn_head_channels (`int`, defaults to 256):
             Width of the convolutional head when `classifier="cnn"`.
+
+    The architecture of the ViT family (the defaults are Google's ViT); `from_transformers` sets them from a source:
+        class_token (`bool`, defaults to `True`):
+            A learned class token first (SigLIP and I-JEPA have none: then every token may merge).
+        distillation_token (`bool`, defaults to `False`):
+            DeiT's distillation token, after the class token (it has a position embedding).
+        num_register_tokens (`int`, defaults to 0):
+            DINOv2's register tokens, after the class token, added after the position embeddings.
+        layer_scale_init_value (`float`, *optional*):
+            DINOv2's layer scale: a learned per-channel factor on each residual branch; `None` for none.
+        mlp_type (`str`, defaults to `"mlp"`):
+            `"mlp"` (fc1, activation, fc2) or `"swiglu"` (DINOv2's SwiGLU feed-forward).
+        patch_embedding_bias (`bool`, defaults to `True`):
+            CLIP's patch convolution has no bias.
+        pre_layernorm (`bool`, defaults to `False`):
+            CLIP's layer norm between the embeddings and the first layer.
+        final_layernorm (`str`, defaults to `"tokens"`):
+            `"tokens"`: the final norm applies to every token (ViT, DINOv2, SigLIP); `"pooled"`: only to the pooled
+            class token, the final tokens stay as the last layer left them (CLIP).
+        pooler (`str`, defaults to `"none"`):
+            The base model's `pooler_output`: `"none"`, `"dense_tanh"` (ViT's and DeiT's pooler on the first token),
+            `"class_token"` (the normed class token: DINOv2, CLIP) or `"attention"` (SigLIP's attention-pooling head,
+            with proportional attention over merged tokens).
+        always_interpolate_position_embeddings (`bool`, defaults to `False`):
+            Resample the position embeddings to any input size without being asked (DINOv2).
+        position_interpolation_antialias (`bool`, defaults to `False`):
+            Antialias that resampling (DINOv2 with registers).
     """
 
     model_type = "conformer"
@@ -94,6 +124,17 @@ class ConformerConfig(PreTrainedConfig):
     proportional_attention: bool = True
     classifier: str = "token"
     cnn_head_channels: int = 256
+    class_token: bool = True
+    distillation_token: bool = False
+    num_register_tokens: int = 0
+    layer_scale_init_value: float | None = None
+    mlp_type: str = "mlp"
+    patch_embedding_bias: bool = True
+    pre_layernorm: bool = False
+    final_layernorm: str = "tokens"
+    pooler: str = "none"
+    always_interpolate_position_embeddings: bool = False
+    position_interpolation_antialias: bool = False
 
     def __post_init__(self, **kwargs):
         if isinstance(self.backbone_depths, tuple):
@@ -121,6 +162,22 @@ class ConformerConfig(PreTrainedConfig):
             raise ValueError("`merge_mode` 'tome' is called 'bipartite' here (ToMe's bipartite soft matching).")
         _check_choice("merge_mode", self.merge_mode, MERGE_MODES)
         _check_choice("classifier", self.classifier, CLASSIFIERS)
+        _check_choice("mlp_type", self.mlp_type, MLP_TYPES)
+        _check_choice("final_layernorm", self.final_layernorm, FINAL_LAYERNORMS)
+        _check_choice("pooler", self.pooler, POOLERS)
+        needs = {"token": "class_token", "token_gap": "class_token", "distilled": "distillation_token"}
+        if self.classifier in needs and not getattr(self, needs[self.classifier]):
+            raise ValueError(
+                f"`classifier={self.classifier!r}` reads the {needs[self.classifier]}, which this model lacks."
+            )
+        if self.pooler == "class_token" and not self.class_token:
+            raise ValueError(f"`pooler={self.pooler!r}` reads the class token, which this model lacks.")
+        if (self.distillation_token or self.num_register_tokens) and not self.class_token:
+            raise ValueError("distillation and register tokens come after the class token: set `class_token=True`.")
+        if self.classifier == "distilled" and self.representation_size is not None:
+            raise ValueError("`classifier='distilled'` has no pre-logits layer: set `representation_size=None`.")
+        if not isinstance(self.num_register_tokens, int) or self.num_register_tokens < 0:
+            raise ValueError(f"`num_register_tokens` must be a non-negative int, got {self.num_register_tokens!r}.")
         for name in (
             "hidden_size",
             "num_hidden_layers",
@@ -164,6 +221,16 @@ class ConformerConfig(PreTrainedConfig):
     def backbone_stride(self):
         """Pixels per feature-map cell of the hybrid stem: the stem (4) times 2 for each stage after the first."""
         return 2 ** (len(self.backbone_depths) + 1) if self.backbone_depths else 1
+
+    @property
+    def num_prefix_tokens(self):
+        """Tokens before the patches: class, distillation, registers. None of them ever merges."""
+        return int(self.class_token) + int(self.distillation_token) + self.num_register_tokens
+
+    @property
+    def num_position_prefix_tokens(self):
+        """Prefix tokens with a position embedding (registers have none)."""
+        return int(self.class_token) + int(self.distillation_token)
 
     @property
     def num_patches(self):

@@ -5,6 +5,7 @@ requires. Read top to bottom: the pure merge functions, then the modules in the 
 """
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -74,14 +75,18 @@ def max_merge_r(num_tokens: int, mode: str, protect_cls: bool = True) -> int:
     return 0
 
 
-def merge_schedule(merge_r, num_tokens: int, num_layers: int, modes=("bipartite",)) -> list[int]:
+def merge_schedule(
+    merge_r, num_tokens: int, num_layers: int, modes=("bipartite",), num_prefix_tokens: int = 1
+) -> list[int]:
     """Tokens removed per layer: `merge_r` (one int for every layer, or one per layer) lowered wherever a layer has too
     few tokens left for every mode in `modes` (ToMe's rule). Comparing the result with the request tells whether a
-    schedule fits; the token counts layer by layer are `num_tokens` minus its running sum."""
+    schedule fits; the token counts layer by layer are `num_tokens` minus its running sum. Of the `num_prefix_tokens`
+    (which never merge) the first is protected inside the matching, the others are kept out of it."""
     requested = list(merge_r) if isinstance(merge_r, (list, tuple)) else [merge_r] * num_layers
+    num_extra, protect_cls = max(num_prefix_tokens - 1, 0), num_prefix_tokens > 0
     schedule = []
     for r in requested:
-        limit = min((max_merge_r(num_tokens, mode) for mode in modes), default=0)
+        limit = min((max_merge_r(num_tokens - num_extra, mode, protect_cls) for mode in modes), default=0)
         schedule.append(max(0, min(r, limit)))
         num_tokens -= schedule[-1]
     return schedule
@@ -334,14 +339,18 @@ def merge_source(unmerge: Callable, source_map: torch.LongTensor, num_tokens_aft
 
 
 MATCHING_FUNCTIONS = {
-    "bipartite": lambda metric, r, size: bipartite_soft_matching(metric, r),
-    "submodular": lambda metric, r, size: submodular_matching(metric, r, size),
-    "ward": lambda metric, r, size: ward_matching(metric, r, size),
+    "bipartite": lambda metric, r, size, protect_cls=True: bipartite_soft_matching(metric, r, protect_cls),
+    "submodular": lambda metric, r, size, protect_cls=True: submodular_matching(metric, r, size, protect_cls),
+    "ward": lambda metric, r, size, protect_cls=True: ward_matching(metric, r, size, protect_cls),
 }
 
 
 def resample_position_embeddings(
-    position_embeddings: torch.Tensor, new_grid: tuple[int, int], num_prefix_tokens: int = 1, mode: str = "bicubic"
+    position_embeddings: torch.Tensor,
+    new_grid: tuple[int, int],
+    num_prefix_tokens: int = 1,
+    mode: str = "bicubic",
+    antialias: bool = False,
 ) -> torch.Tensor:
     """Resample [1, prefix + h*w, dim] position embeddings on their 2-D grid to `new_grid`, prefix tokens kept apart.
 
@@ -356,12 +365,12 @@ def resample_position_embeddings(
         return position_embeddings
     dim = grid.shape[-1]
     grid = grid.reshape(1, old_side, old_side, dim).permute(0, 3, 1, 2)  # [1, dim, h, w]
-    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode=mode, align_corners=False, antialias=False)
+    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode=mode, align_corners=False, antialias=antialias)
     grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(position_embeddings.dtype)
     return torch.cat([prefix, grid], dim=1)
 
 
-HEAD_PREFIXES = ("classifier.", "pre_logits.", "cnn_head.")
+HEAD_PREFIXES = ("classifier.", "distillation_classifier.", "pre_logits.", "cnn_head.")
 
 
 def adapt_state_dict(state_dict: dict, model: nn.Module, mode: str = "bilinear") -> dict:
@@ -378,7 +387,7 @@ def adapt_state_dict(state_dict: dict, model: nn.Module, mode: str = "bilinear")
     for key, value in state_dict.items():
         if key.endswith("embeddings.position_embeddings") and key in target and value.shape != target[key].shape:
             grid = model.config.image_size // model.config.patch_size
-            value = resample_position_embeddings(value, (grid, grid), mode=mode)
+            value = resample_position_embeddings(value, (grid, grid), model.config.num_position_prefix_tokens, mode)
         adapted[key] = value
 
     def is_head(key):
@@ -494,7 +503,9 @@ class ConformerPatchEmbeddings(nn.Module):
         else:
             self.backbone = None
             in_channels, kernel = config.num_channels, config.patch_size
-        self.projection = nn.Conv2d(in_channels, config.hidden_size, kernel_size=kernel, stride=kernel)
+        self.projection = nn.Conv2d(
+            in_channels, config.hidden_size, kernel_size=kernel, stride=kernel, bias=config.patch_embedding_bias
+        )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
@@ -509,33 +520,53 @@ class ConformerPatchEmbeddings(nn.Module):
 
 
 class ConformerEmbeddings(nn.Module):
-    """Class token + patch embeddings + position embeddings (resampled for other resolutions on request)."""
+    """Prefix tokens (class, distillation, registers) + patch embeddings + position embeddings (resampled for other
+    resolutions on request, or always with `always_interpolate_position_embeddings`). Registers come after the class
+    token and, as in DINOv2, without a position embedding."""
 
     def __init__(self, config: ConformerConfig):
         super().__init__()
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        hidden = config.hidden_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden)) if config.class_token else None
+        self.distillation_token = nn.Parameter(torch.zeros(1, 1, hidden)) if config.distillation_token else None
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, config.num_register_tokens, hidden)) if config.num_register_tokens else None
+        )
         self.patch_embeddings = ConformerPatchEmbeddings(config)
         self.grid_size = config.image_size // config.patch_size
-        self.position_embeddings = nn.Parameter(torch.zeros(1, 1 + self.grid_size**2, config.hidden_size))
+        self.num_position_prefix_tokens = config.num_position_prefix_tokens
+        self.position_embeddings = nn.Parameter(
+            torch.zeros(1, self.num_position_prefix_tokens + self.grid_size**2, hidden)
+        )
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.patch_size = config.patch_size
-        self.image_size = config.image_size
+        self.config = config
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         batch, _, height, width = pixel_values.shape
-        patches = self.patch_embeddings(pixel_values)
-        embeddings = torch.cat([self.cls_token.expand(batch, -1, -1), patches], dim=1)
-        if interpolate_pos_encoding:
-            new_grid = (height // self.patch_size, width // self.patch_size)
-            position_embeddings = resample_position_embeddings(self.position_embeddings, new_grid)
-        elif (height, width) != (self.image_size, self.image_size):
+        config = self.config
+        embeddings = self.patch_embeddings(pixel_values)
+        prefix = [t.expand(batch, -1, -1) for t in (self.cls_token, self.distillation_token) if t is not None]
+        embeddings = torch.cat([*prefix, embeddings], dim=1)
+        if interpolate_pos_encoding or config.always_interpolate_position_embeddings:
+            new_grid = (height // config.patch_size, width // config.patch_size)
+            position_embeddings = resample_position_embeddings(
+                self.position_embeddings,
+                new_grid,
+                self.num_position_prefix_tokens,
+                antialias=config.position_interpolation_antialias,
+            )
+        elif (height, width) != (config.image_size, config.image_size):
             raise ValueError(
-                f"Input image size ({height}*{width}) doesn't match the model ({self.image_size}*{self.image_size}); "
-                "resize the images or pass `interpolate_pos_encoding=True`."
+                f"Input image size ({height}*{width}) doesn't match the model ({config.image_size}*"
+                f"{config.image_size}); resize the images or pass `interpolate_pos_encoding=True`."
             )
         else:
             position_embeddings = self.position_embeddings
-        return self.dropout(embeddings + position_embeddings)
+        embeddings = embeddings + position_embeddings
+        if self.register_tokens is not None:
+            registers = self.register_tokens.expand(batch, -1, -1)
+            embeddings = torch.cat([embeddings[:, :1], registers, embeddings[:, 1:]], dim=1)
+        return self.dropout(embeddings)
 
 
 def eager_attention_forward(
@@ -613,6 +644,43 @@ class ConformerMLP(nn.Module):
         return self.fc2(self.activation_fn(self.fc1(hidden_states)))
 
 
+class ConformerSwiGLU(nn.Module):
+    """DINOv2's SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`, two thirds of the MLP width rounded up to 8."""
+
+    def __init__(self, config: ConformerConfig):
+        super().__init__()
+        width = (int(config.intermediate_size * 2 / 3) + 7) // 8 * 8
+        self.gate_proj = nn.Linear(config.hidden_size, width)
+        self.up_proj = nn.Linear(config.hidden_size, width)
+        self.down_proj = nn.Linear(width, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+def _protect_prefix(merge: Callable, unmerge: Callable, num_extra: int):
+    """Wrap a matching's closures so that the `num_extra` tokens after the first (distillation, registers) pass
+    through untouched and stay in place: the matching itself sees the first token (protected there) and the patches."""
+    if num_extra == 0:
+        return merge, unmerge
+
+    def without_extra(x):
+        return torch.cat([x[:, :1], x[:, 1 + num_extra :]], dim=1), x[:, 1 : 1 + num_extra]
+
+    def with_extra(x, extra):
+        return torch.cat([x[:, :1], extra, x[:, 1:]], dim=1)
+
+    def protected_merge(x, mode="mean"):
+        rest, extra = without_extra(x)
+        return with_extra(merge(rest, mode=mode), extra)
+
+    def protected_unmerge(x):
+        rest, extra = without_extra(x)
+        return with_extra(unmerge(rest), extra)
+
+    return protected_merge, protected_unmerge
+
+
 class ConformerLayer(GradientCheckpointingLayer):
     """Pre-norm transformer block with token merging between attention and MLP.
 
@@ -624,7 +692,11 @@ class ConformerLayer(GradientCheckpointingLayer):
         self.attention = ConformerAttention(config)
         self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = ConformerMLP(config)
+        self.mlp = ConformerSwiGLU(config) if config.mlp_type == "swiglu" else ConformerMLP(config)
+        scale = config.layer_scale_init_value
+        # DINOv2's layer scale: a learned per-channel factor on each residual branch.
+        self.attention_scale = nn.Parameter(torch.full((config.hidden_size,), scale)) if scale is not None else None
+        self.mlp_scale = nn.Parameter(torch.full((config.hidden_size,), scale)) if scale is not None else None
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.config = config  # merge_mode and proportional_attention are read at call time, so they can be switched
 
@@ -643,15 +715,28 @@ class ConformerLayer(GradientCheckpointingLayer):
 
         residual = hidden_states
         attn_output, _, metric = self.attention(self.layernorm_before(hidden_states), attention_bias, **kwargs)
+        if self.attention_scale is not None:
+            attn_output = attn_output * self.attention_scale
         hidden_states = residual + self.dropout(attn_output)
 
         if merge_r > 0:
-            merge, unmerge = MATCHING_FUNCTIONS[self.config.merge_mode](metric, merge_r, token_sizes)
+            # Prefix tokens never merge: the class token is protected inside the matching, the others pass around it.
+            config = self.config
+            num_extra = max(config.num_prefix_tokens - 1, 0)
+            metric_seen = torch.cat([metric[:, :1], metric[:, 1 + num_extra :]], dim=1) if num_extra else metric
+            sizes_seen = token_sizes
+            if num_extra and token_sizes is not None:
+                sizes_seen = torch.cat([token_sizes[:, :1], token_sizes[:, 1 + num_extra :]], dim=1)
+            merge, unmerge = MATCHING_FUNCTIONS[config.merge_mode](metric_seen, merge_r, sizes_seen, config.class_token)
+            merge, unmerge = _protect_prefix(merge, unmerge, num_extra)
             hidden_states, token_sizes = merge_wavg(merge, hidden_states, token_sizes)
             if source_map is not None:
                 source_map = merge_source(unmerge, source_map, hidden_states.shape[1])
 
-        hidden_states = hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
+        mlp_output = self.mlp(self.layernorm_after(hidden_states))
+        if self.mlp_scale is not None:
+            mlp_output = mlp_output * self.mlp_scale
+        hidden_states = hidden_states + self.dropout(mlp_output)
         return hidden_states, token_sizes, source_map
 
 
@@ -678,16 +763,57 @@ class ConformerPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
+        std = self.config.initializer_range
         if isinstance(module, ConformerEmbeddings):
-            init.trunc_normal_(module.position_embeddings, mean=0.0, std=self.config.initializer_range)
-            init.trunc_normal_(module.cls_token, mean=0.0, std=self.config.initializer_range)
+            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+            for token in (module.cls_token, module.distillation_token):
+                if token is not None:
+                    init.trunc_normal_(token, mean=0.0, std=std)
+            if module.register_tokens is not None:
+                init.zeros_(module.register_tokens)
+        elif isinstance(module, ConformerLayer) and module.attention_scale is not None:
+            init.constant_(module.attention_scale, self.config.layer_scale_init_value)
+            init.constant_(module.mlp_scale, self.config.layer_scale_init_value)
+        elif isinstance(module, ConformerAttentionPoolingHead):
+            init.trunc_normal_(module.probe, mean=0.0, std=std)
+            init.xavier_uniform_(module.attention.in_proj_weight)
+            init.zeros_(module.attention.in_proj_bias)
+
+    @classmethod
+    def from_transformers(cls, model_or_path, attn_implementation: str | None = None, **config_overrides):
+        """A Conformer with the weights of a model of transformers' ViT family (an object, a local folder or a Hub
+        id; see `SOURCE_CLASSES`): ViT, ViT-MSN, DeiT (also with its teacher head), DINOv2 (also with registers),
+        the CLIP and SigLIP vision towers, I-JEPA. `from_transformers("facebook/dinov2-small", merge_mode="ward",
+        merge_r=8)`. With merging off it returns what the source returns (`last_hidden_state`, `pooler_output`,
+        `logits`). `image_size` resamples the position embeddings (bilinear, as timm's loader); another
+        `num_labels` or `classifier` gets a new head with a zero classifier."""
+        source = _load_source(model_or_path, attn_implementation)
+        base_state, head_state, source_classifier = _source_state_dict(source)
+        fields = _source_architecture(source)
+        source_config = source.config
+        has_head = source_classifier is not None and "classifier.weight" in head_state
+        fields["classifier"] = source_classifier or ("token" if fields.get("class_token", True) else "gap")
+        num_labels = config_overrides.get("num_labels", source_config.num_labels if has_head else 0)
+        if has_head and num_labels == source_config.num_labels and "id2label" not in config_overrides:
+            fields.update(id2label=dict(source_config.id2label), label2id=dict(source_config.label2id))
+        config = ConformerConfig(**{**fields, **config_overrides, "num_labels": num_labels})
+        model = cls._from_config(config, attn_implementation=attn_implementation)
+        if cls.base_model_prefix in dict(model.named_children()):
+            state_dict = {f"{cls.base_model_prefix}.{key}": value for key, value in base_state.items()}
+            state_dict.update(head_state)
+        else:
+            state_dict = base_state
+        model.load_state_dict(adapt_state_dict(state_dict, model), strict=True)
+        return model.to(next(source.parameters()).dtype)
 
 
 def check_merge_schedule(config: ConformerConfig, num_patches: int | None = None):
     """Raise `ValueError` if some layer's r exceeds what its merge mode can remove from the tokens left there."""
-    num_tokens = 1 + (config.num_patches if num_patches is None else num_patches)
+    num_tokens = config.num_prefix_tokens + (config.num_patches if num_patches is None else num_patches)
     requested = config.merge_r_per_layer
-    fitted = merge_schedule(requested, num_tokens, config.num_hidden_layers, modes=(config.merge_mode,))
+    fitted = merge_schedule(
+        requested, num_tokens, config.num_hidden_layers, (config.merge_mode,), config.num_prefix_tokens
+    )
     for layer, (r, limit) in enumerate(zip(requested, fitted)):
         if r > limit:
             raise ValueError(
@@ -695,6 +821,41 @@ def check_merge_schedule(config: ConformerConfig, num_patches: int | None = None
                 f"most {limit} of the {num_tokens - sum(fitted[:layer])} tokens left there at "
                 f"image_size={config.image_size}; lower `merge_r`."
             )
+
+
+class ConformerPooler(nn.Module):
+    """ViT's and DeiT's pooler: a dense layer and tanh on the first token."""
+
+    def __init__(self, config: ConformerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(hidden_states[:, 0]))
+
+
+class ConformerAttentionPoolingHead(nn.Module):
+    """SigLIP's attention pooling: a learned probe attends over the final tokens, then a residual MLP. Over merged
+    tokens the probe's attention gets the same `log(size)` bias as the layers (proportional attention)."""
+
+    def __init__(self, config: ConformerConfig):
+        super().__init__()
+        self.probe = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.attention = nn.MultiheadAttention(config.hidden_size, config.num_attention_heads, batch_first=True)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = ConformerMLP(config)
+        self.config = config
+
+    def forward(self, hidden_states: torch.Tensor, token_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        probe = self.probe.expand(hidden_states.shape[0], -1, -1)
+        bias = None
+        if self.config.proportional_attention and token_sizes is not None:
+            # [batch * heads, 1 query, keys], as nn.MultiheadAttention takes an additive float mask
+            bias = token_sizes.log().to(hidden_states.dtype)[:, None, :]
+            bias = bias.repeat_interleave(self.config.num_attention_heads, dim=0)
+        pooled = self.attention(probe, hidden_states, hidden_states, attn_mask=bias)[0]
+        pooled = pooled + self.mlp(self.layernorm(pooled))
+        return pooled[:, 0]
 
 
 @auto_docstring
@@ -705,8 +866,13 @@ class ConformerModel(ConformerPreTrainedModel):
         config.validate_architecture()
         check_merge_schedule(config)
         self.embeddings = ConformerEmbeddings(config)
+        self.pre_layernorm = None
+        if config.pre_layernorm:  # CLIP's norm before the first layer
+            self.pre_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList([ConformerLayer(config) for _ in range(config.num_hidden_layers)])
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.pooler = ConformerPooler(config) if config.pooler == "dense_tanh" else None
+        self.attention_pooler = ConformerAttentionPoolingHead(config) if config.pooler == "attention" else None
         self.post_init()
 
     @merge_with_config_defaults
@@ -724,21 +890,42 @@ class ConformerModel(ConformerPreTrainedModel):
         hidden_states = self.embeddings(
             pixel_values.to(expected_dtype), interpolate_pos_encoding=bool(interpolate_pos_encoding)
         )
+        if self.pre_layernorm is not None:
+            hidden_states = self.pre_layernorm(hidden_states)
 
         batch, num_tokens, _ = hidden_states.shape
-        token_sizes = None  # all ones until the first merge
+        merged_sizes = None  # [batch, tokens, 1]; None: all ones, until the first merge
         source_map = torch.arange(num_tokens, device=hidden_states.device).expand(batch, -1)
         for layer, merge_r in zip(self.layers, self.config.merge_r_per_layer):
-            hidden_states, token_sizes, source_map = layer(
-                hidden_states, token_sizes, source_map, merge_r=merge_r, **kwargs
+            hidden_states, merged_sizes, source_map = layer(
+                hidden_states, merged_sizes, source_map, merge_r=merge_r, **kwargs
             )
 
-        if token_sizes is None:
+        if self.config.final_layernorm == "tokens":
+            last_hidden_state = self.layernorm(hidden_states)
+            class_token = last_hidden_state[:, 0]
+        else:  # CLIP: only the pooled class token is normed
+            last_hidden_state = hidden_states
+            class_token = self.layernorm(hidden_states[:, 0])
+        pooler_output = None
+        if self.config.pooler == "dense_tanh":
+            pooler_output = self.pooler(last_hidden_state)
+        elif self.config.pooler == "class_token":
+            pooler_output = class_token
+        elif self.config.pooler == "attention":
+            pooler_output = self.attention_pooler(
+                last_hidden_state, merged_sizes[..., 0] if merged_sizes is not None else None
+            )
+
+        if merged_sizes is None:
             token_sizes = hidden_states.new_ones(hidden_states.shape[:2], dtype=torch.float32)
         else:
-            token_sizes = token_sizes[..., 0]
+            token_sizes = merged_sizes[..., 0]
         return ConformerModelOutput(
-            last_hidden_state=self.layernorm(hidden_states), token_sizes=token_sizes, source_map=source_map
+            last_hidden_state=last_hidden_state,
+            pooler_output=pooler_output,
+            token_sizes=token_sizes,
+            source_map=source_map,
         )
 
 
@@ -761,7 +948,7 @@ class ConformerCNNHead(nn.Module):
         )
 
     def forward(self, tokens: torch.Tensor, source_map: torch.LongTensor, grid: tuple[int, int]) -> torch.Tensor:
-        patch_tokens = source_map[:, 1:]  # [batch, patches]: the final token of each patch
+        patch_tokens = source_map[:, -grid[0] * grid[1] :]  # [batch, patches]: the final token of each patch
         patches = tokens.gather(1, patch_tokens[..., None].expand(-1, -1, tokens.shape[-1]))
         patches = patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], *grid)  # [batch, hidden, h, w]
         return self.layers(patches)
@@ -781,6 +968,8 @@ class ConformerForImageClassification(ConformerPreTrainedModel):
         if config.classifier == "cnn":
             self.cnn_head = ConformerCNNHead(config)
             features = config.cnn_head_channels
+        elif config.classifier == "token_gap":  # DINOv2: [class token, mean of the patch tokens]
+            features = 2 * config.hidden_size
         else:
             features = config.hidden_size
         self.pre_logits = None
@@ -789,6 +978,11 @@ class ConformerForImageClassification(ConformerPreTrainedModel):
             self.pre_logits = nn.Sequential(nn.Linear(features, config.representation_size), nn.Tanh())
             features = config.representation_size
         self.classifier = nn.Linear(features, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.distillation_classifier = None
+        if config.classifier == "distilled":  # DeiT's teacher head: a second classifier on the distillation token
+            self.distillation_classifier = (
+                nn.Linear(features, config.num_labels) if config.num_labels > 0 else nn.Identity()
+            )
         self.post_init()
 
     def forward_features(
@@ -800,12 +994,19 @@ class ConformerForImageClassification(ConformerPreTrainedModel):
     def pool(self, outputs: ConformerModelOutput, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """The feature vector the classifier reads, per `config.classifier` (the CNN head reads the patch grid of
         `pixel_values`; without them, that of `config.image_size`)."""
-        tokens = outputs.last_hidden_state
-        if self.config.classifier == "token":
-            return tokens[:, 0]
-        if self.config.classifier == "gap":
-            weights = outputs.token_sizes[:, 1:, None]
-            return (tokens[:, 1:].float() * weights).sum(1).div(weights.sum(1)).to(tokens.dtype)
+        config, tokens = self.config, outputs.last_hidden_state
+        class_token = tokens[:, 0] if config.final_layernorm == "tokens" else self.conformer.layernorm(tokens[:, 0])
+        num_prefix = config.num_prefix_tokens
+        weights = outputs.token_sizes[:, num_prefix:, None]
+        patch_mean = (tokens[:, num_prefix:].float() * weights).sum(1).div(weights.sum(1)).to(tokens.dtype)
+        if config.classifier == "token":
+            return class_token
+        if config.classifier == "gap":
+            return patch_mean
+        if config.classifier == "token_gap":
+            return torch.cat([class_token, patch_mean], dim=-1)
+        if config.classifier == "distilled":
+            return tokens[:, :2]  # [batch, 2 (class, distillation), hidden]
         height, width = pixel_values.shape[-2:] if pixel_values is not None else (self.config.image_size,) * 2
         grid = (height // self.config.patch_size, width // self.config.patch_size)
         return self.cnn_head(tokens, outputs.source_map, grid)
@@ -818,7 +1019,11 @@ class ConformerForImageClassification(ConformerPreTrainedModel):
         features = self.pool(outputs, pixel_values)
         if self.pre_logits is not None:
             features = self.pre_logits(features)
-        return features if pre_logits else self.classifier(features)
+        if pre_logits:
+            return features
+        if self.distillation_classifier is not None:
+            return (self.classifier(features[:, 0]) + self.distillation_classifier(features[:, 1])) / 2
+        return self.classifier(features)
 
     @can_return_tuple
     @auto_docstring
@@ -851,58 +1056,183 @@ class ConformerForImageClassification(ConformerPreTrainedModel):
 
     @classmethod
     def from_vit(cls, model_or_path, attn_implementation: str | None = None, **config_overrides):
-        """A Conformer with the weights of a transformers `ViTForImageClassification` or `ViTModel` (an object, a
-        local folder or a Hub id), so that any ViT gets token merging: `from_vit("google/vit-base-patch16-224",
-        merge_mode="bipartite", merge_r=16)`. With merging off, its logits equal the ViT's. `image_size` resamples
-        the position embeddings (bilinear, as timm's loader); another `num_labels` or `classifier` gets a new head
-        with a zero classifier."""
-        from transformers import AutoConfig, ViTForImageClassification, ViTModel
-
+        """`from_transformers` for transformers' ViT only (`ViTForImageClassification` or `ViTModel`): any other
+        model is refused. `from_vit("google/vit-base-patch16-224", merge_mode="bipartite", merge_r=16)`."""
         if isinstance(model_or_path, nn.Module):
-            vit = model_or_path
-            if not isinstance(vit, (ViTForImageClassification, ViTModel)):
+            model_type = getattr(getattr(model_or_path, "config", None), "model_type", None)
+            if model_type != "vit":
                 raise TypeError(
-                    f"from_vit expects a transformers ViTForImageClassification or ViTModel, got {type(vit).__name__}."
+                    f"from_vit expects a transformers ViTForImageClassification or ViTModel, got "
+                    f"{type(model_or_path).__name__}; from_transformers takes the rest of the ViT family."
                 )
         else:
+            from transformers import AutoConfig
+
             model_type = AutoConfig.from_pretrained(model_or_path).model_type
             if model_type != "vit":
                 raise ValueError(
-                    f"{model_or_path!r} holds a {model_type!r} model; from_vit converts transformers' ViT ('vit') only."
+                    f"{model_or_path!r} holds a {model_type!r} model; from_vit converts transformers' ViT ('vit') "
+                    "only (from_transformers takes the rest of the ViT family)."
                 )
-            vit = ViTForImageClassification.from_pretrained(model_or_path, attn_implementation=attn_implementation)
-        vit_config = vit.config
-        has_head = isinstance(getattr(vit, "classifier", None), nn.Linear)
-        fields = dict(
-            hidden_size=vit_config.hidden_size,
-            num_hidden_layers=vit_config.num_hidden_layers,
-            num_attention_heads=vit_config.num_attention_heads,
-            intermediate_size=vit_config.intermediate_size,
-            hidden_act=vit_config.hidden_act,
-            hidden_dropout_prob=vit_config.hidden_dropout_prob,
-            attention_probs_dropout_prob=vit_config.attention_probs_dropout_prob,
-            initializer_range=vit_config.initializer_range,
-            layer_norm_eps=vit_config.layer_norm_eps,
-            image_size=vit_config.image_size,
-            patch_size=vit_config.patch_size,
-            num_channels=vit_config.num_channels,
-            qkv_bias=vit_config.qkv_bias,
+        return cls.from_transformers(model_or_path, attn_implementation=attn_implementation, **config_overrides)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sources: transformers' ViT family. Each source's base model maps onto `ConformerModel` by renaming its keys; its head
+# (if any) onto ours. With merging off, the Conformer computes what the source computes.
+# --------------------------------------------------------------------------------------------------------------------
+
+SOURCE_CLASSES = (
+    "ViTModel",
+    "ViTForImageClassification",
+    "ViTMSNModel",
+    "DeiTModel",
+    "DeiTForImageClassification",
+    "DeiTForImageClassificationWithTeacher",
+    "Dinov2Model",
+    "Dinov2ForImageClassification",
+    "Dinov2WithRegistersModel",
+    "Dinov2WithRegistersForImageClassification",
+    "CLIPVisionModel",
+    "CLIPModel",
+    "SiglipVisionModel",
+    "SiglipModel",
+    "IJepaModel",
+    "IJepaForImageClassification",
+)
+
+# (pattern, replacement) applied in order to the source base model's keys; a key renamed to "" is dropped.
+_DINOV2_KEYS = [
+    (r"^encoder\.layer\.", "layers."),
+    (r"\.norm1\.", ".layernorm_before."),
+    (r"\.norm2\.", ".layernorm_after."),
+    (r"\.layer_scale1\.lambda1$", ".attention_scale"),
+    (r"\.layer_scale2\.lambda1$", ".mlp_scale"),
+    (r"^embeddings\.mask_token$", ""),
+]
+_CLIP_KEYS = [
+    (r"^embeddings\.class_embedding$", "embeddings.cls_token"),
+    (r"^embeddings\.patch_embedding\.", "embeddings.patch_embeddings.projection."),
+    (r"^embeddings\.position_embedding\.weight$", "embeddings.position_embeddings"),
+    (r"^pre_layrnorm\.", "pre_layernorm."),
+    (r"^encoder\.layers\.", "layers."),
+    (r"\.self_attn\.out_proj\.", ".attention.o_proj."),
+    (r"\.self_attn\.", ".attention."),
+    (r"\.layer_norm1\.", ".layernorm_before."),
+    (r"\.layer_norm2\.", ".layernorm_after."),
+    (r"^post_layernorm\.", "layernorm."),
+    (r"^head\.", "attention_pooler."),
+]
+_KEY_RENAMES = {"dinov2": _DINOV2_KEYS, "dinov2_with_registers": _DINOV2_KEYS, "clip_vision_model": _CLIP_KEYS}
+_KEY_RENAMES["siglip_vision_model"] = _CLIP_KEYS
+# The source head's keys, renamed onto ours, and the classifier that reads what the source's head reads.
+_HEADS = {
+    "DeiTForImageClassificationWithTeacher": ([(r"^cls_classifier\.", "classifier.")], "distilled"),
+    "Dinov2ForImageClassification": ([], "token_gap"),
+    "Dinov2WithRegistersForImageClassification": ([], "token_gap"),
+    "IJepaForImageClassification": ([], "gap"),
+}
+
+
+def _rename(key: str, renames) -> str:
+    for pattern, replacement in renames:
+        if re.search(pattern, key):
+            if not replacement:
+                return ""
+            key = re.sub(pattern, replacement, key)
+    return key
+
+
+def _load_source(model_or_path, attn_implementation: str | None):
+    """The source model: a model object, or a local folder / Hub id loaded with the class its config names."""
+    import transformers
+
+    supported = f"supported: {', '.join(SOURCE_CLASSES)}"
+    if isinstance(model_or_path, nn.Module):
+        source = model_or_path
+    else:
+        config = transformers.AutoConfig.from_pretrained(model_or_path)
+        architecture = (getattr(config, "architectures", None) or [None])[0]
+        if architecture not in SOURCE_CLASSES:
+            raise ValueError(
+                f"{model_or_path!r} holds a {config.model_type!r} model ({architecture}), not one of the ViT family "
+                f"Conformer takes; {supported}."
+            )
+        source = getattr(transformers, architecture).from_pretrained(
+            model_or_path, attn_implementation=attn_implementation
         )
-        num_labels = config_overrides.get("num_labels", vit_config.num_labels if has_head else 0)
-        if num_labels == vit_config.num_labels and "id2label" not in config_overrides:
-            fields.update(id2label=dict(vit_config.id2label), label2id=dict(vit_config.label2id))
-        config = ConformerConfig(**{**fields, **config_overrides, "num_labels": num_labels})
-        model = cls._from_config(config, attn_implementation=attn_implementation)
-        # Same submodule names below the base model; only the prefix differs.
-        state_dict = {
-            key.replace(f"{vit.base_model_prefix}.", f"{cls.base_model_prefix}.", 1): value
-            for key, value in vit.state_dict().items()
-        }
-        if isinstance(vit, ViTModel):
-            state_dict = {f"{cls.base_model_prefix}.{key}": value for key, value in state_dict.items()}
-            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(f"{cls.base_model_prefix}.pooler.")}
-        model.load_state_dict(adapt_state_dict(state_dict, model), strict=True)
-        return model.to(next(vit.parameters()).dtype)
+    if type(source).__name__ not in SOURCE_CLASSES:
+        raise TypeError(f"from_transformers cannot take a {type(source).__name__}; {supported}.")
+    if type(source).__name__ in ("CLIPModel", "SiglipModel"):
+        source = source.vision_model  # the vision tower, before the projection into the joint space
+    return source
+
+
+def _source_architecture(source: nn.Module) -> dict:
+    """The Conformer config fields that describe the source's architecture."""
+    config, model_type = source.config, source.config.model_type
+    fields = dict(
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        intermediate_size=getattr(config, "intermediate_size", None) or int(config.hidden_size * config.mlp_ratio),
+        hidden_act=config.hidden_act,
+        hidden_dropout_prob=getattr(config, "hidden_dropout_prob", 0.0),
+        attention_probs_dropout_prob=getattr(config, "attention_probs_dropout_prob", None)
+        or getattr(config, "attention_dropout", 0.0),
+        initializer_range=getattr(config, "initializer_range", 0.02),
+        layer_norm_eps=config.layer_norm_eps,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        num_channels=config.num_channels,
+        qkv_bias=getattr(config, "qkv_bias", True),
+    )
+    base = getattr(source, source.base_model_prefix, source)
+    if getattr(base, "pooler", None) is not None:  # ViT's, DeiT's and I-JEPA's dense + tanh pooler
+        if getattr(config, "pooler_act", "tanh") != "tanh" or config.pooler_output_size != config.hidden_size:
+            raise ValueError("The source's pooler is not a hidden-size dense layer with tanh; Conformer has no such.")
+        fields["pooler"] = "dense_tanh"
+    if model_type == "deit":
+        fields["distillation_token"] = True
+    elif model_type in ("dinov2", "dinov2_with_registers"):
+        fields.update(
+            layer_scale_init_value=config.layerscale_value,
+            mlp_type="swiglu" if config.use_swiglu_ffn else "mlp",
+            always_interpolate_position_embeddings=True,
+            pooler="class_token",
+        )
+        if model_type == "dinov2_with_registers":
+            fields.update(num_register_tokens=config.num_register_tokens, position_interpolation_antialias=True)
+    elif model_type == "clip_vision_model":
+        fields.update(patch_embedding_bias=False, pre_layernorm=True, final_layernorm="pooled", pooler="class_token")
+    elif model_type == "siglip_vision_model":
+        fields.update(class_token=False, pooler="attention" if config.vision_use_head else "none")
+    elif model_type == "ijepa":
+        fields["class_token"] = False
+    return fields
+
+
+def _source_state_dict(source: nn.Module) -> tuple[dict, dict, str | None]:
+    """The source's base-model weights under `ConformerModel`'s names, its head's under ours, and its classifier."""
+    base = getattr(source, source.base_model_prefix, source)
+    renames = _KEY_RENAMES.get(source.config.model_type, [])
+    base_state = {}
+    for key, value in base.state_dict().items():
+        key = _rename(key, renames)
+        if key == "embeddings.cls_token":
+            value = value.reshape(1, 1, -1)  # CLIP keeps a [hidden] class embedding
+        elif key == "embeddings.position_embeddings" and value.ndim == 2:
+            value = value[None]  # CLIP's and SigLIP's nn.Embedding
+        if key:
+            base_state[key] = value
+    head_state, classifier = {}, None
+    if base is not source:
+        head_renames, classifier = _HEADS.get(type(source).__name__, ([], "token"))
+        prefix = f"{source.base_model_prefix}."
+        for key, value in source.state_dict().items():
+            if not key.startswith(prefix):
+                head_state[_rename(key, head_renames)] = value
+    return base_state, head_state, classifier
 
 
 ConformerConfig.register_for_auto_class()
