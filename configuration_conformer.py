@@ -215,8 +215,6 @@ class ConformerConfig(PreTrainedConfig):
                 "give one int per layer or a single int."
             )
 
-    validate_conformer = validate_architecture  # the first round's name, still used by scripts
-
     @property
     def backbone_stride(self):
         """Pixels per feature-map cell of the hybrid stem: the stem (4) times 2 for each stage after the first."""
