@@ -1,226 +1,189 @@
 """Images per second of Conformer for each merge mode over a sweep of r, beside unmerged references of the same shape
-(timm's `VisionTransformer`, transformers' `ViTForImageClassification`), with the theoretical FLOP ratio as the limit.
+(timm's `VisionTransformer`, transformers' `ViTForImageClassification`), eager and (`--compile`) torch.compile'd, with
+the FLOP ratio as the limit.
 
-    python benchmarks/throughput.py                                   # ViT-S_16, 224 px, batch 8, fp32, CPU, 2 threads
-    python benchmarks/throughput.py --preset ViT-B_16 --device cuda --dtype fp16 --batch_size 256 --r_values 8,16
+    python benchmarks/throughput.py                          # ViT-S_16, 224 px, batch 8, fp32, CPU, 2 threads
+    python benchmarks/throughput.py --r_values 13 --compile  # compiled columns beside eager
+    python benchmarks/throughput.py --r_values 8 --profile   # + where the unmerged model and timm spend their time
+    bash benchmarks/gpu_check.sh                             # ViT-B_16 on one GPU, fp16 and bf16, r = 0, 8, 16
 
-All models run interleaved (round-robin, one timed measurement of each per repeat) so that a change in the machine's
-load hits them alike; the median over repeats is reported. Writes `results/throughput_*.{md,csv,png}`.
+All models are built and warmed up first, then timed round-robin; the median over repeats is reported.
+Writes `results/<name>.{md,csv,png}`.
 """
 
 import argparse
-import os
+import copy
 import sys
+import time
 
 import torch
 from common import (
     MODES,
     RESULTS_DIR,
-    append_notes,
     environment_line,
+    flop_ratio,
     keep_freed_memory,
-    measure,
-    merge_schedule,
-    parse_int_list,
-    parse_modes,
-    seed_everything,
+    schedule_for,
     synchronize,
+    time_models,
     write_results,
 )
+from transformers import ViTConfig, ViTForImageClassification, set_seed
 
 from configuration_conformer import PRESETS, ConformerConfig
 from modeling_conformer import ConformerForImageClassification
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-# Issue 6's bars: (preset, device, dtype, image size) -> [(mode, r, least speed-up over the unmerged Conformer)].
-SPEEDUP_BARS = {
-    ("ViT-S_16", "cpu", "fp32", 224): [("bipartite", 13, 1.55), ("submodular", 13, 1.45)],
-    ("ViT-B_16", "cuda", "fp16", 224): [("bipartite", 16, 1.85)],
-}
-REFERENCE_BAR = 0.95  # Conformer without merging / timm, at least
+REFERENCES = ("timm ViT", "transformers ViT")
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Theoretical cost
-# --------------------------------------------------------------------------------------------------------------------
+def build_model(name: str, config: ConformerConfig, mode: str, schedule: list[int]):
+    """A model of `config`'s shape with random weights: a reference, or a Conformer merging `schedule` with `mode`."""
+    if name == "timm ViT":
+        from timm.models.vision_transformer import VisionTransformer
 
-
-def layer_macs(num_tokens: int, merge_r: int, hidden_size: int, intermediate_size: int) -> int:
-    """Multiply-accumulates of one transformer layer that merges `merge_r` tokens between attention and MLP.
-
-    q, k, v and output projections: 4 N D^2; attention scores and weighted sum: 2 N^2 D; MLP: 2 (N - r) D D_mlp.
-    Layer norms, softmax, GELU and the merge itself are left out (a few percent at most).
-    """
-    attention = 4 * num_tokens * hidden_size**2 + 2 * num_tokens**2 * hidden_size
-    mlp = 2 * (num_tokens - merge_r) * hidden_size * intermediate_size
-    return attention + mlp
-
-
-def encoder_macs(num_tokens: int, schedule: list[int], hidden_size: int, intermediate_size: int) -> int:
-    """MACs of the transformer layers for a per-layer r schedule (zeros: unmerged). Patch embedding and head are not
-    counted: they do not change with merging, and this is the convention that gives ToMe's 1.72x (ViT-S_16, r=13)
-    and 2.02x (ViT-B_16, r=16) at 224 px."""
-    total = 0
-    for merge_r in schedule:
-        total += layer_macs(num_tokens, merge_r, hidden_size, intermediate_size)
-        num_tokens -= merge_r
-    return total
-
-
-def flop_ratio(config: ConformerConfig, schedule: list[int]) -> float:
-    """Unmerged over merged encoder cost: the speed-up merging could give if time followed FLOPs."""
-    num_tokens = 1 + config.num_patches
-    unmerged = encoder_macs(num_tokens, [0] * len(schedule), config.hidden_size, config.intermediate_size)
-    return unmerged / encoder_macs(num_tokens, schedule, config.hidden_size, config.intermediate_size)
-
-
-def check_flop_convention():
-    """The counting convention must reproduce the issue's limits; fail loudly if someone changes it."""
-    for preset, r, expected in (("ViT-S_16", 13, 1.72), ("ViT-B_16", 16, 2.02)):
-        config = ConformerConfig.from_preset(preset, image_size=224)
-        schedule = merge_schedule(1 + config.num_patches, r, config.num_hidden_layers)
-        ratio = flop_ratio(config, schedule)
-        if round(ratio, 2) != expected:
-            raise AssertionError(f"FLOP ratio of {preset} at r={r} is {ratio:.3f}, expected {expected}")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Models
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def build_timm(config: ConformerConfig):
-    from timm.models.vision_transformer import VisionTransformer
-
-    return VisionTransformer(
-        img_size=config.image_size,
-        patch_size=config.patch_size,
-        embed_dim=config.hidden_size,
-        depth=config.num_hidden_layers,
-        num_heads=config.num_attention_heads,
-        mlp_ratio=config.intermediate_size / config.hidden_size,
-        qkv_bias=config.qkv_bias,
-        class_token=True,
-        global_pool="token",
-        num_classes=config.num_labels,
-    )
-
-
-def build_transformers_vit(config: ConformerConfig):
-    from transformers import ViTConfig, ViTForImageClassification
-
-    vit_config = ViTConfig(
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        intermediate_size=config.intermediate_size,
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-        qkv_bias=config.qkv_bias,
-        layer_norm_eps=config.layer_norm_eps,
-        num_labels=config.num_labels,
-    )
-    return ViTForImageClassification._from_config(vit_config, attn_implementation="sdpa")
-
-
-def build_conformer(args, mode: str, schedule: list[int]):
-    config = ConformerConfig.from_preset(
-        args.preset, image_size=args.image_size, num_labels=1000, merge_mode=mode, merge_r=schedule
-    )
-    return ConformerForImageClassification._from_config(config, attn_implementation="sdpa")
-
-
-def build_models(args, config: ConformerConfig) -> list[dict]:
-    """One entry per timed model: name, mode, nominal r, schedule and the module."""
-    num_tokens, layers = 1 + config.num_patches, config.num_hidden_layers
-    entries = []
-    if not args.skip_references:
-        entries.append(dict(model="timm ViT", mode="-", r=0, schedule=[0] * layers, module=build_timm(config)))
-        entries.append(
-            dict(model="transformers ViT", mode="-", r=0, schedule=[0] * layers, module=build_transformers_vit(config))
+        return VisionTransformer(
+            img_size=config.image_size,
+            patch_size=config.patch_size,
+            embed_dim=config.hidden_size,
+            depth=config.num_hidden_layers,
+            num_heads=config.num_attention_heads,
+            mlp_ratio=config.intermediate_size / config.hidden_size,
+            num_classes=config.num_labels,
         )
-    unmerged = build_conformer(args, "none", [0] * layers)
-    entries.append(dict(model="Conformer", mode="none", r=0, schedule=[0] * layers, module=unmerged))
-    for mode in args.modes:
-        for r in args.r_values:
-            schedule = merge_schedule(num_tokens, r, layers)
-            entries.append(
-                dict(model="Conformer", mode=mode, r=r, schedule=schedule, module=build_conformer(args, mode, schedule))
-            )
-    dtype, device = DTYPES[args.dtype], torch.device(args.device)
-    for entry in entries:
-        entry["module"] = entry["module"].to(device=device, dtype=dtype).eval()
+    if name == "transformers ViT":
+        shape = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size")
+        vit_config = ViTConfig(**{key: getattr(config, key) for key in shape}, patch_size=config.patch_size)
+        vit_config.num_labels, vit_config.layer_norm_eps = config.num_labels, config.layer_norm_eps
+        return ViTForImageClassification._from_config(vit_config, attn_implementation="sdpa")
+    merged = copy.deepcopy(config)
+    merged.merge_mode, merged.merge_r = mode, list(schedule)
+    return ConformerForImageClassification._from_config(merged, attn_implementation="sdpa")
+
+
+def compile_model(module, pixel_values, backend: str):
+    """torch.compile with `fullgraph=True`, or without it when the forward does not trace as one graph. Returns the
+    compiled model, whether it is one graph, and the seconds the first (compiling) call took."""
+    # Every model recompiles the same forward code; dynamo's default of 8 recompiles per code object is too few.
+    torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit
+    start = time.perf_counter()
+    for fullgraph in (True, False):
+        compiled = torch.compile(module, fullgraph=fullgraph, backend=backend)
+        try:
+            with torch.inference_mode():
+                compiled(pixel_values)
+            synchronize(pixel_values.device)
+            return compiled, fullgraph, time.perf_counter() - start
+        except Exception as error:  # dynamo's errors have no common base class short of Exception
+            if not fullgraph:
+                raise
+            print(f"  not one graph ({type(error).__name__}): compiling with graph breaks", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
+def peak_memory_mib(module, pixel_values) -> float:
+    """Memory one forward pass allocates above what was allocated before it (CUDA only; NaN elsewhere)."""
+    if pixel_values.device.type != "cuda":
+        return float("nan")
+    synchronize(pixel_values.device)
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        module(pixel_values)
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def host_sync_check(module, pixel_values) -> str:
+    """Whether a forward pass makes the host wait for the device (`torch.cuda.set_sync_debug_mode("error")`)."""
+    if pixel_values.device.type != "cuda":
+        return "n/a (CPU)"
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.inference_mode():
+            module(pixel_values)
+        return "none"
+    except RuntimeError as error:
+        return "SYNC: " + str(error).splitlines()[0][:80]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def build_entries(args, config: ConformerConfig) -> list[dict]:
+    """Every timed model as a dict: its description and its module, in every dtype, eager and (`--compile`) compiled."""
+    layers = config.num_hidden_layers
+    kinds = [] if args.skip_references else [(name, "-", 0) for name in REFERENCES]
+    kinds += [("Conformer", "none", 0)] + [("Conformer", mode, r) for mode in args.modes for r in args.r_values]
+    entries = []
+    for dtype in args.dtypes:
+        pixel_values = args.inputs[dtype]
+        for name, mode, r in kinds:
+            schedule = schedule_for(r, 1 + config.num_patches, layers)
+            set_seed(args.seed)
+            module = build_model(name, config, mode, schedule).to(args.device, DTYPES[dtype]).eval()
+            entry = dict(model=name, mode=mode, r=r, schedule=schedule, dtype=dtype, run="eager", compiled=False)
+            entry["module"] = module
+            entry |= {"peak MiB": peak_memory_mib(module, pixel_values), "compile s": float("nan")}
+            entries.append(entry)
+            if args.compile:
+                print(f"compiling {name} {mode} r={r} {dtype}", file=sys.stderr, flush=True)
+                compiled, fullgraph, seconds = compile_model(module, pixel_values, args.compile_backend)
+                run = "compiled" if fullgraph else "compiled, graph breaks"
+                entries.append(entry | {"run": run, "compiled": True, "module": compiled, "compile s": seconds})
     return entries
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Profile
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def profile_merges(entries: list[dict], pixel_values, args) -> str:
-    """torch.profiler's table of the operators a merged forward pass spends its time in (first mode, largest r)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    merged = [entry for entry in entries if entry["mode"] not in ("none", "-")]
-    if not merged:
-        return ""
-    entry = max(merged, key=lambda e: (e["mode"] == merged[0]["mode"], e["r"]))
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
-    with torch.inference_mode(), profile(activities=activities) as profiler:
-        for _ in range(args.iters):
-            entry["module"](pixel_values)
-        synchronize(args.device)
-    sort_by = "self_device_time_total" if args.device == "cuda" else "self_cpu_time_total"
-    table = profiler.key_averages().table(sort_by=sort_by, row_limit=15)
-    return f"Profile of Conformer {entry['mode']} r={entry['r']}:\n{table}"
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------------------------------
+def measure(entries: list[dict], args):
+    """Time the entries of each dtype round-robin among themselves; store images/s and the spread."""
+    for dtype in args.dtypes:
+        group = {index: entry["module"] for index, entry in enumerate(entries) if entry["dtype"] == dtype}
+        timed = time_models(group, args.inputs[dtype], args.repeats, args.warmup, args.iters)
+        for index, (images_per_s, spread) in timed.items():
+            entries[index] |= {"images/s": images_per_s, "spread %": spread}
 
 
 def make_rows(entries: list[dict], config: ConformerConfig) -> list[dict]:
-    baseline = next(e for e in entries if e["model"] == "Conformer" and e["mode"] == "none")["images_per_s"]
+    """Speed-up: over the unmerged Conformer of the same dtype and run (eager or compiled)."""
+    baseline = {(e["dtype"], e["compiled"]): e["images/s"] for e in entries if e["mode"] == "none"}
     rows = []
     for entry in entries:
-        ratio = flop_ratio(config, entry["schedule"])
-        speedup = entry["images_per_s"] / baseline
-        rows.append(
-            {
-                "model": entry["model"],
-                "mode": entry["mode"],
-                "r": entry["r"],
-                "tokens left": 1 + config.num_patches - sum(entry["schedule"]),
-                "images/s": entry["images_per_s"],
-                "spread %": entry["spread_pct"],
-                "speed-up": speedup,
-                "FLOP ratio": ratio,
-                "of limit": speedup / ratio,
-                "page faults/pass": entry["page_faults"],
-            }
-        )
+        row = {key: value for key, value in entry.items() if key not in ("module", "schedule", "compiled")}
+        row["tokens left"] = 1 + config.num_patches - sum(entry["schedule"])
+        row["speed-up"] = entry["images/s"] / baseline[entry["dtype"], entry["compiled"]]
+        row["FLOP ratio"] = flop_ratio(config, entry["schedule"])
+        row["of limit"] = row["speed-up"] / row["FLOP ratio"]
+        rows.append(row)
     return rows
 
 
-def bar_lines(rows: list[dict], args) -> list[str]:
-    """PASS/FAIL for issue 6's bars that apply to these settings."""
+def sync_lines(entries: list[dict], args) -> list[str]:
+    """The host-sync check of every mode, eager, at the largest r."""
     lines = []
-    for mode, r, least in SPEEDUP_BARS.get((args.preset, args.device, args.dtype, args.image_size), []):
-        row = next((row for row in rows if row["mode"] == mode and row["r"] == r), None)
-        if row is None:
-            lines.append(f"bar {mode} r={r} >= {least:.2f}x: not measured (add r={r} and mode {mode})")
-        else:
-            verdict = "PASS" if row["speed-up"] >= least else "FAIL"
-            lines.append(f"bar {mode} r={r} >= {least:.2f}x: {row['speed-up']:.3f}x {verdict}")
-    timm_row = next((row for row in rows if row["model"] == "timm ViT"), None)
-    if timm_row is not None:
-        ratio = 1 / timm_row["speed-up"]  # Conformer(none) / timm
-        verdict = "PASS" if ratio >= REFERENCE_BAR else "FAIL"
-        lines.append(f"bar Conformer(none) / timm >= {REFERENCE_BAR:.2f}: {ratio:.3f} {verdict}")
+    for mode in args.modes:
+        entry = max(
+            (e for e in entries if e["mode"] == mode and e["run"] == "eager"), key=lambda e: (e["dtype"], e["r"])
+        )
+        verdict = host_sync_check(entry["module"], args.inputs[entry["dtype"]])
+        lines.append(f"host sync in a {mode} r={entry['r']} {entry['dtype']} forward: {verdict}")
     return lines
+
+
+def profile_lines(entries: list[dict], args) -> list[str]:
+    """torch.profiler's top operators (self time) of the unmerged Conformer and of timm, eager, first dtype."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    sort_by = "self_device_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    tables = []
+    for entry in entries:
+        if entry["run"] != "eager" or entry["dtype"] != args.dtypes[0] or entry["mode"] not in ("none", "-"):
+            continue
+        with torch.inference_mode(), profile(activities=activities) as profiler:
+            for _ in range(max(3, args.iters)):
+                entry["module"](args.inputs[entry["dtype"]])
+            synchronize(args.device)
+        table = profiler.key_averages().table(sort_by=sort_by, row_limit=12)
+        tables.append(f"{entry['model']} ({entry['mode']}):\n{table}")
+    return tables
 
 
 def plot(rows: list[dict], args, path):
@@ -229,124 +192,106 @@ def plot(rows: list[dict], args, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    merged = [row for row in rows if row["mode"] not in ("none", "-")]
-    r_values = sorted({row["r"] for row in merged})
-    flop_by_r = {row["r"]: row["FLOP ratio"] for row in merged}
-    ax.plot(r_values, [flop_by_r[r] for r in r_values], "k--", label="FLOP ratio (limit)")
-    for mode in args.modes:
-        points = sorted((row["r"], row["speed-up"]) for row in merged if row["mode"] == mode)
-        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"Conformer {mode}")
-    for row in rows:
-        if row["model"] in ("timm ViT", "transformers ViT"):
-            color = "gray" if row["model"] == "timm ViT" else "tab:olive"
-            ax.axhline(row["speed-up"], linestyle=":", color=color, label=f"{row['model']} (unmerged)")
-    bars = SPEEDUP_BARS.get((args.preset, args.device, args.dtype, args.image_size), [])
-    for index, (_mode, r, least) in enumerate(bars):
-        ax.plot([r], [least], marker="_", markersize=20, color="red", label="issue 6 bar" if index == 0 else None)
-    ax.axhline(1.0, color="black", linewidth=0.5)
-    ax.set_xlabel("r (tokens merged per layer)")
-    ax.set_ylabel("speed-up over unmerged Conformer")
-    threads = f", {args.threads} threads" if args.device == "cpu" else ""
-    ax.set_title(f"{args.preset}, {args.image_size} px, batch {args.batch_size}, {args.dtype}, {args.device}{threads}")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, len(args.dtypes), figsize=(6.5 * len(args.dtypes), 4.5), squeeze=False)
+    for ax, dtype in zip(axes[0], args.dtypes):
+        own = [row for row in rows if row["dtype"] == dtype]
+        merged = sorted((row for row in own if row["mode"] in MODES), key=lambda row: row["r"])
+        flop_by_r = {row["r"]: row["FLOP ratio"] for row in merged}
+        ax.plot(list(flop_by_r), list(flop_by_r.values()), "k--", label="FLOP ratio (limit)")
+        runs = dict.fromkeys(row["run"] for row in own)
+        for mode, run in ((mode, run) for mode in args.modes for run in runs):
+            points = [(row["r"], row["speed-up"]) for row in merged if row["mode"] == mode and row["run"] == run]
+            style = "o-" if run == "eager" else "s:"
+            ax.plot(*zip(*points), style, color=f"C{args.modes.index(mode)}", label=f"{mode} ({run})")
+        for row in own:
+            if row["model"] in REFERENCES and row["run"] == "eager":
+                ax.axhline(row["speed-up"], linestyle=":", color="gray", linewidth=0.8)
+                ax.annotate(row["model"], (min(flop_by_r, default=0), row["speed-up"]), fontsize=7, color="gray")
+        ax.axhline(1.0, color="black", linewidth=0.5)
+        ax.set(xlabel="r (tokens merged per layer)", ylabel="speed-up over the unmerged Conformer")
+        ax.set_title(f"{args.preset}, {args.image_size} px, batch {args.batch_size}, {dtype}, {args.device}")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-# --------------------------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     plain_presets = [name for name, shape in PRESETS.items() if not shape.get("backbone_depths")]
     parser.add_argument("--preset", default="ViT-S_16", choices=plain_presets, help="model shape (plain ViT presets)")
+    parser.add_argument("--layers", type=int, default=None, help="override the preset's depth (for quick checks)")
     parser.add_argument("--image_size", type=int, default=224, help="input resolution in pixels (square)")
     parser.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weights and inputs dtype")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32"], choices=list(DTYPES), help="weights/inputs dtypes")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: leave torch's default)")
-    parser.add_argument(
-        "--r_values", type=parse_int_list, default=[4, 8, 13, 16], help="nominal r per layer to sweep, e.g. 4,8,13,16"
-    )
-    parser.add_argument(
-        "--modes", type=parse_modes, default=list(MODES), help=f"merge modes to time (default: {','.join(MODES)})"
-    )
+    parser.add_argument("--r_values", nargs="+", type=int, default=[4, 8, 13, 16], help="r per layer to sweep")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="merge modes to time")
     parser.add_argument("--repeats", type=int, default=10, help="timed measurements per model (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed forward passes per model before timing")
     parser.add_argument("--iters", type=int, default=1, help="forward passes per timed measurement")
+    parser.add_argument("--compile", action="store_true", help="also time each model under torch.compile")
+    parser.add_argument("--compile_backend", default="inductor", help="torch.compile backend (eager: a quick check)")
     parser.add_argument("--skip_references", action="store_true", help="do not time the timm and transformers ViTs")
-    parser.add_argument(
-        "--default_allocator",
-        action="store_true",
-        help="leave glibc's allocator as it is (by default it is told to keep freed memory; see the README)",
-    )
-    parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of a merge")
+    parser.add_argument("--profile", action="store_true", help="print where the unmerged model and timm spend time")
+    parser.add_argument("--sync_check", action="store_true", help="check merged forwards for host syncs (CUDA)")
+    parser.add_argument("--default_allocator", action="store_true", help="leave glibc's allocator as it is")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and inputs")
     parser.add_argument("--name", default=None, help="results file stem (default: throughput_<settings>)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
-    for flag in ("image_size", "batch_size", "repeats", "iters"):
-        if getattr(args, flag) <= 0:
-            parser.error(f"--{flag} must be positive, got {getattr(args, flag)}")
-    if args.warmup < 0 or args.threads < 0 or any(r < 0 for r in args.r_values):
-        parser.error("--warmup, --threads and --r_values must not be negative")
-    if args.image_size % ConformerConfig.from_preset(args.preset).patch_size:
+    if min(args.image_size, args.batch_size, args.repeats, args.iters) <= 0:
+        parser.error("--image_size, --batch_size, --repeats and --iters must be positive")
+    if min(args.warmup, args.threads, *args.r_values) < 0 or args.layers is not None and args.layers <= 0:
+        parser.error("--warmup, --threads and --r_values must not be negative, --layers must be positive")
+    if args.image_size % PRESETS[args.preset]["patch_size"]:
         parser.error(f"--image_size {args.image_size} is not a multiple of {args.preset}'s patch size")
+    dtypes = "_".join(args.dtypes)
+    args.name = args.name or f"throughput_{args.preset}_{args.image_size}px_b{args.batch_size}_{dtypes}_{args.device}"
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    check_flop_convention()
-    allocator = "Allocator: left as it is (--default_allocator)" if args.default_allocator else keep_freed_memory()
+    allocator = "allocator left as it is" if args.default_allocator else keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    if args.device == "cpu" and args.dtype == "fp16":
-        print("note: fp16 on CPU runs slow fallback kernels; its timings say little", file=sys.stderr)
-
-    config = ConformerConfig.from_preset(args.preset, image_size=args.image_size, num_labels=1000)
-    entries = build_models(args, config)
-    pixel_values = torch.randn(
-        args.batch_size, 3, args.image_size, args.image_size, device=args.device, dtype=DTYPES[args.dtype]
-    )
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(f"Timing {len(entries)} models on {device_name}: {args.repeats} repeats x {args.iters} passes", flush=True)
-    measure(entries, pixel_values, args)
-
+    set_seed(args.seed)
+    depth = {"num_hidden_layers": args.layers} if args.layers else {}
+    config = ConformerConfig.from_preset(args.preset, image_size=args.image_size, num_labels=1000, **depth)
+    shape = (args.batch_size, 3, args.image_size, args.image_size)
+    args.inputs = {dtype: torch.randn(shape).to(args.device, DTYPES[dtype]) for dtype in args.dtypes}
+    start = time.perf_counter()
+    entries = build_entries(args, config)
+    print(f"Timing {len(entries)} models: {args.repeats} repeats x {args.iters} passes", flush=True)
+    measure(entries, args)
+    notes = sync_lines(entries, args) if args.sync_check and args.modes and args.r_values else []
     rows = make_rows(entries, config)
-    name = args.name or f"throughput_{args.preset}_{args.image_size}px_b{args.batch_size}_{args.dtype}_{args.device}"
+
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     settings = (
-        f"Settings: `{' '.join(sys.argv[1:]) or '(defaults)'}`; {args.preset}, {args.image_size} px, batch "
-        f"{args.batch_size}, {args.dtype}, {device_name}; median of {args.repeats} interleaved repeats of {args.iters} "
-        f"pass(es) after {args.warmup} warm-up passes. {environment_line(args.threads or None)}.\n\n"
-        "speed-up: images/s over the unmerged Conformer's. FLOP ratio: unmerged over merged MACs of the transformer "
-        "layers (qkv + output projections 4ND^2, attention 2N^2D, MLP 2ND*D_mlp on N - r tokens, merging after "
-        "attention; patch embedding and head not counted). of limit: speed-up / FLOP ratio. spread %: interquartile "
-        "range of the repeats over the median (the noise of this run). page faults/pass: minor page faults of the "
-        "process per timed pass (memory the allocator took fresh from the system; see the README). r is clamped "
-        "where a layer has too few tokens (ToMe's rule), identically for every mode. "
-        f"{allocator}; environment: "
-        f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}, "
-        f"MALLOC_TRIM_THRESHOLD_={os.environ.get('MALLOC_TRIM_THRESHOLD_', 'unset')}, "
-        f"LD_PRELOAD={os.environ.get('LD_PRELOAD', 'unset')}."
+        f"`python benchmarks/throughput.py {' '.join(sys.argv[1:])}`: {args.preset}, {args.image_size} px, batch "
+        f"{args.batch_size}, {device_name}; median of {args.repeats} interleaved repeats of {args.iters} pass(es) "
+        f"after {args.warmup} warm-up passes; {environment_line(args.threads or None)}; {allocator}; "
+        f"{time.perf_counter() - start:.0f} s in all.\n\n"
+        "speed-up: over the unmerged Conformer of the same dtype, eager or compiled. FLOP ratio: unmerged over merged "
+        "MACs of the transformer layers (qkv and output projections 4ND^2, attention 2N^2D, MLP 2ND*D_mlp on N - r "
+        "tokens). of limit: speed-up / FLOP ratio. spread %: interquartile range over the median. peak MiB: what one "
+        "forward allocates above the weights (CUDA). compiled, graph breaks: the forward does not trace as one graph "
+        f"(`fullgraph=True` failed), compiled without it. Compile backend: {args.compile_backend}."
     )
-    columns = ["model", "mode", "r", "tokens left", "images/s", "spread %", "speed-up", "FLOP ratio", "of limit"]
-    columns += ["page faults/pass"]
-    digits = {"images/s": 1, "spread %": 0, "speed-up": 2, "FLOP ratio": 2, "of limit": 2, "page faults/pass": 0}
-    text = write_results(name, "Throughput", settings, [("", rows, columns, digits)])
-    lines = bar_lines(rows, args)
-    append_notes(name, "Bars (issue 6)", lines)
+    columns = ["model", "mode", "r", "dtype", "run", "tokens left", "images/s", "spread %", "speed-up", "FLOP ratio"]
+    columns += ["of limit", "peak MiB", "compile s"]
+    digits = {"images/s": 1, "spread %": 0, "speed-up": 2, "FLOP ratio": 2, "of limit": 2, "peak MiB": 0}
+    text = write_results(args.name, "Throughput", settings, [("", rows, columns, digits | {"compile s": 0})], notes)
     print(text)
-    print("\n".join(lines))
-    plot(rows, args, RESULTS_DIR / f"{name}.png")
-    print(f"wrote {RESULTS_DIR / name}.md, .csv, .png")
+    plot(rows, args, RESULTS_DIR / f"{args.name}.png")
+    print(f"wrote {RESULTS_DIR / args.name}.md, .csv, .png")
     if args.profile:
-        print(profile_merges(entries, pixel_values, args))
+        print("\n\n".join(profile_lines(entries, args)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,124 @@
+"""The benchmark scripts' own logic, against numbers worked out by hand: the FLOP convention, the scatter a merge
+schedule leaves, the frontier; and the GPU check's CPU path, run end to end."""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import common  # noqa: E402
+import merge_frontier  # noqa: E402
+
+from configuration_conformer import ConformerConfig  # noqa: E402
+
+
+def test_encoder_macs_by_hand():
+    # 5 tokens, width 2, MLP 4, one layer merging 2: 4*5*2^2 + 2*5^2*2 + 2*(5-2)*2*4 = 80 + 100 + 48
+    assert common.encoder_macs(5, [2], 2, 4) == 228
+    # the next layer runs on the 3 tokens left: 4*3*4 + 2*9*2 + 2*3*2*4 = 48 + 36 + 48
+    assert common.encoder_macs(5, [2, 0], 2, 4) == 228 + 132
+
+
+@pytest.mark.parametrize(("preset", "merge_r", "limit"), [("ViT-S_16", 13, 1.72), ("ViT-B_16", 16, 2.02)])
+def test_flop_ratio_gives_tomes_limits(preset, merge_r, limit):
+    config = ConformerConfig.from_preset(preset)
+    schedule = common.schedule_for(merge_r, 1 + config.num_patches, config.num_hidden_layers)
+    assert round(common.flop_ratio(config, schedule), 2) == limit
+
+
+def unit_keys(*angles_and_axes):
+    """Unit vectors in 3-d: (angle, plane) with plane 0 rotating e1 towards e2 and plane 1 rotating e2 towards e3."""
+    keys = []
+    for angle, plane in angles_and_axes:
+        vector = torch.zeros(3)
+        vector[plane], vector[plane + 1] = math.cos(angle), math.sin(angle)
+        keys.append(vector)
+    return torch.stack(keys)[None]  # [1, tokens, 3]
+
+
+# Class token, then two pairs of near-duplicates far from each other: t1 ~ t2 (angle 0.1), t3 ~ t4 (angle 0.2).
+PAIRS = unit_keys((math.pi / 2, 1), (0.0, 0), (0.1, 0), (math.pi / 2, 0), (math.pi / 2 + 0.2, 0))
+# Two unit vectors at angle a leave |u - v|^2 / 2 = 1 - cos(a) around their mean.
+BOTH_PAIRS = (1 - math.cos(0.1)) + (1 - math.cos(0.2))
+# Bipartite's first merge (t2 into t1) leaves the order [cls, t4 | t1+t2, t3]: t3 and t4 are now both in set B and
+# cannot merge, so t1+t2 joins t3. Three unit vectors leave 3 - |t1 + t2 + t3|^2 / 3.
+BIPARTITE_TRIPLE = 3 - ((1 + math.cos(0.1)) ** 2 + (1 + math.sin(0.1)) ** 2) / 3
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"), [("bipartite", BIPARTITE_TRIPLE), ("submodular", BOTH_PAIRS), ("ward", BOTH_PAIRS)]
+)
+def test_schedule_scatter_of_two_merges_by_hand(mode, expected):
+    assert merge_frontier.schedule_scatter(PAIRS, mode, [1, 1]) == pytest.approx(expected, rel=1e-4)
+    assert merge_frontier.schedule_scatter(PAIRS, mode, [1, 0]) == pytest.approx(1 - math.cos(0.1), rel=1e-4)
+    assert merge_frontier.schedule_scatter(PAIRS, mode, [0, 0]) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_frontier_keeps_only_undominated_points():
+    points = [(1.0, 0.0), (2.0, 1.0), (2.0, 2.0), (3.0, 1.0), (0.5, 0.0)]
+    assert merge_frontier.on_frontier(points) == [True, False, False, True, False]
+
+
+def test_equal_speed_ratio_interpolates_between_bipartite_points():
+    rows = [
+        {"mode": "bipartite", "images/s": 10.0, "clustered": 4.0},
+        {"mode": "bipartite", "images/s": 20.0, "clustered": 2.0},
+        {"mode": "ward", "images/s": 15.0, "clustered": 2.7},  # bipartite at 15 images/s: 3.0
+        {"mode": "ward", "images/s": 25.0, "clustered": 1.0},  # faster than any bipartite point: no comparison
+    ]
+    ratios = merge_frontier.at_equal_speed(rows, "clustered")
+    assert ratios[:3] == pytest.approx([1.0, 1.0, 0.9])
+    assert math.isnan(ratios[3])
+
+
+def run_gpu_check(*args, **env):
+    return subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", **env},
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_path_writes_every_model_eager_and_compiled():
+    name = f"pytest_gpu_check_{os.getpid()}"
+    written = [common.RESULTS_DIR / f"{name}.{suffix}" for suffix in ("md", "csv", "png")]
+    try:
+        result = run_gpu_check("--cpu", NAME=name)
+        assert result.returncode == 0, result.stderr[-3000:]
+        with open(written[1]) as handle:
+            rows = list(csv.DictReader(handle))
+        timed = {(row["model"], row["mode"], row["run"].split(",")[0]) for row in rows}
+        models = [("timm ViT", "-"), ("transformers ViT", "-"), ("Conformer", "none")]
+        models += [("Conformer", mode) for mode in common.MODES]
+        assert timed == {(model, mode, run) for model, mode in models for run in ("eager", "compiled")}
+        assert all(float(row["images/s"]) > 0 and float(row["FLOP ratio"]) >= 1 for row in rows)
+        text = written[0].read_text()
+        assert all(f"host sync in a {mode} r=2" in text for mode in common.MODES)
+        assert written[2].stat().st_size > 0
+    finally:
+        for path in written:
+            path.unlink(missing_ok=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="without --cpu it would start the GPU check")
+def test_gpu_check_without_cuda_says_so_in_one_line():
+    result = run_gpu_check()
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: no CUDA device")
+
+
+def test_gpu_check_refuses_an_unknown_argument():
+    result = run_gpu_check("--fast")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: unknown argument --fast (the only option is --cpu)"
