@@ -7,12 +7,19 @@ draws, one row per image, the image as the model sees it, the attention rollout 
 (Abnar & Zuidema, 2020) overlaid on it, and one merge map per merge mode of `MERGE_MODES`: each final token's patches
 painted with their mean colour and the token's border drawn, as in ToMe's figures (Bolya et al., 2023).
 
+`--model` is a Conformer folder or a folder (or Hub id) of any class of transformers' ViT family in `SOURCE_CLASSES`
+(DeiT, DINOv2 with or without registers, CLIP and SigLIP vision towers, I-JEPA, ...), converted on the fly by
+`ConformerForImageClassification.from_transformers`. Prefix tokens (class, distillation, registers) come first and
+never merge; models without a class token (SigLIP, I-JEPA) pool all their tokens, so their rollout is read from the
+mean over all tokens instead of the class token's row.
+
 The numbers come from pure functions that work on any batch: `attention_rollout` and `rollout_map` for the rollout,
 `merge_map` for the token each patch ended in. `trace_model` collects what they need from one forward pass (with
 forward pre-hooks on the layers; the model is not changed); `paint_merge_map` and `plot_panels` draw.
 """
 
 import argparse
+import contextlib
 import functools
 import math
 import sys
@@ -27,7 +34,7 @@ from PIL import Image
 
 from configuration_conformer import MERGE_MODES
 from image_data import load_digits_dataset, load_rgb_image
-from modeling_conformer import merge_schedule
+from modeling_conformer import SOURCE_CLASSES, ConformerForImageClassification, check_merge_schedule, merge_schedule
 
 SAMPLE_IMAGES = ("chelsea", "astronaut", "coffee")  # shipped inside scikit-image: no download
 DISPLAY_SIZE = 224  # panels are drawn at least this many pixels wide
@@ -77,13 +84,13 @@ def expand_to_original_tokens(matrix: torch.Tensor, source_map: torch.LongTensor
 def attention_rollout(
     attentions: Sequence[torch.Tensor], source_maps: Sequence[torch.LongTensor | None] | None = None
 ) -> torch.Tensor:
-    """Attention rollout (Abnar & Zuidema, 2020) in the space of the original tokens (class token, then patches).
+    """Attention rollout (Abnar & Zuidema, 2020) in the space of the original tokens (prefix tokens, then patches).
 
     `attentions[l]` is layer l's attention [batch, heads, N_l, N_l] between the N_l tokens entering it, and
-    `source_maps[l]` [batch, 1 + patches] the source map entering layer l (original token -> its current token);
+    `source_maps[l]` [batch, prefix + patches] the source map entering layer l (original token -> its current token);
     `None` (or no `source_maps`) means nothing was merged before that layer. Returns the rollout
-    [batch, 1 + patches, 1 + patches]: row i says how much of original token i's final representation comes from each
-    original token's input. Every row sums to 1.
+    [batch, prefix + patches, prefix + patches]: row i says how much of original token i's final representation comes
+    from each original token's input. Every row sums to 1.
 
     Each layer is as in the paper: average the heads, add the identity and renormalise, i.e.
     `A_l = (mean_heads(attention_l) + I) / 2` (attention rows sum to 1), and the rollout is `A_L ... A_2 A_1`.
@@ -120,18 +127,24 @@ def attention_rollout(
     return rollout
 
 
-def rollout_map(rollout: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """The class token's row of `rollout` [batch, 1 + patches, 1 + patches] on the grid: [batch, grid_h, grid_w]."""
-    return rollout[:, 0, 1:].reshape(rollout.shape[0], *grid)
+def rollout_map(rollout: torch.Tensor, grid: tuple[int, int], class_token: bool = True) -> torch.Tensor:
+    """How much the output reads from each patch, on the grid: [batch, grid_h, grid_w].
+
+    `rollout` [batch, prefix + patches, prefix + patches] (patches last). The query is the class token's row (token 0);
+    a model without a class token (SigLIP, I-JEPA) pools all its tokens, so its query is the mean of all rows, as
+    rollout is read for mean-pooled transformers. Only the patches' columns are kept; each query row sums to 1.
+    """
+    query = rollout[:, 0] if class_token else rollout.mean(dim=1)  # [batch, prefix + patches]
+    return query[:, query.shape[1] - math.prod(grid) :].reshape(rollout.shape[0], *grid)
 
 
 def merge_map(source_map: torch.LongTensor, grid: tuple[int, int]) -> torch.LongTensor:
     """The token each patch ended in, on the patch grid: [batch, grid_h, grid_w] integer labels.
 
-    The labels are the final token indices of `source_map` [batch, 1 + patches]. The class token (token 0) is never
-    merged, so the patches carry labels 1 .. N_final - 1, each patch exactly one.
+    The labels are the final token indices of `source_map` [batch, prefix + patches] (patches last). Prefix tokens
+    (class, distillation, registers) never merge, so the patches carry the labels after them, each patch exactly one.
     """
-    return source_map[:, 1:].reshape(source_map.shape[0], *grid)
+    return source_map[:, source_map.shape[1] - math.prod(grid) :].reshape(source_map.shape[0], *grid)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -146,7 +159,7 @@ class MergeTrace:
 
     logits: torch.Tensor
     attentions: list[torch.Tensor]  # [batch, heads, N_l, N_l] each
-    source_maps: list[torch.LongTensor]  # [batch, 1 + patches] each
+    source_maps: list[torch.LongTensor]  # [batch, prefix + patches] each
 
 
 def trace_model(model, pixel_values: torch.Tensor, **forward_kwargs) -> MergeTrace:
@@ -302,9 +315,9 @@ def load_image(spec: str) -> tuple[Image.Image, str]:
     return load_rgb_image(spec), Path(spec).name
 
 
-def load_model(model_id: str, **config_overrides):
-    """A Conformer classifier from a folder or Hub id, with eager attention; `config_overrides` (e.g. another
-    `merge_mode`) go into a fresh config, validated as any other."""
+def load_model(model_id: str):
+    """A Conformer classifier with eager attention, from a Conformer folder or Hub id, or from a model of transformers'
+    ViT family (`SOURCE_CLASSES`: DeiT, DINOv2, CLIP, SigLIP, ...), converted on the fly by `from_transformers`."""
     from transformers import AutoConfig, AutoModelForImageClassification
 
     path = Path(model_id)
@@ -317,15 +330,36 @@ def load_model(model_id: str, **config_overrides):
         raise VisualizeError(f"{model_id} has no config.json: give a folder written by save_pretrained")
     try:
         config = AutoConfig.from_pretrained(model_id, trust_remote_code=True)
-        if getattr(config, "model_type", None) != "conformer":
-            raise VisualizeError(f"{model_id} is a {config.model_type!r} model, not a Conformer")
-        if config_overrides:
-            config = config.__class__.from_dict({**config.to_dict(), **config_overrides})
-        return AutoModelForImageClassification.from_pretrained(
-            model_id, config=config, trust_remote_code=True, attn_implementation="eager"
-        ).eval()
+        if config.model_type == "conformer":
+            model = AutoModelForImageClassification.from_pretrained(
+                model_id, trust_remote_code=True, attn_implementation="eager"
+            )
+            return model.eval()
+        architecture = (getattr(config, "architectures", None) or ["no architecture"])[0]
+        if architecture not in SOURCE_CLASSES:
+            raise VisualizeError(
+                f"{model_id} holds a {config.model_type!r} model ({architecture}), neither a Conformer nor one of "
+                f"transformers' ViT family: {', '.join(SOURCE_CLASSES)}"
+            )
+        return ConformerForImageClassification.from_transformers(model_id, attn_implementation="eager").eval()
+    except VisualizeError:
+        raise
     except (OSError, ValueError, KeyError, ImportError) as exc:
         raise VisualizeError(f"cannot load model {model_id}: {first_line(exc)}") from None
+
+
+@contextlib.contextmanager
+def merging(model, merge_mode: str, merge_r, num_patches: int):
+    """Run `model` with `merge_mode` and `merge_r` inside the block, its config restored after. The layers read both
+    from the config they share with the model at call time, so one set of weights runs under every mode."""
+    config = model.config
+    saved = config.merge_mode, config.merge_r
+    try:
+        config.merge_mode, config.merge_r = merge_mode, merge_r
+        check_merge_schedule(config, num_patches)
+        yield model
+    finally:
+        config.merge_mode, config.merge_r = saved
 
 
 def load_image_processor(model_id: str, image_size: int):
@@ -352,10 +386,13 @@ def preprocess(image: Image.Image, processor, num_channels: int) -> tuple[torch.
     return pixel_values, np.broadcast_to(display, (*display.shape[:2], 3))
 
 
-def default_merge_r(num_patches: int, num_layers: int, modes: Sequence[str], share: float = 0.75) -> list[int]:
+def default_merge_r(
+    num_patches: int, num_layers: int, modes: Sequence[str], share: float = 0.75, num_prefix_tokens: int = 1
+) -> list[int]:
     """r per layer removing about `share` of the patches over all layers, lowered where a layer has too few tokens
-    for one of `modes`."""
-    return merge_schedule(max(1, int(share * num_patches / num_layers)), 1 + num_patches, num_layers, modes)
+    for one of `modes` (the `num_prefix_tokens` never merge)."""
+    merge_r = max(1, int(share * num_patches / num_layers))
+    return merge_schedule(merge_r, num_prefix_tokens + num_patches, num_layers, modes, num_prefix_tokens)
 
 
 def describe_merging(config) -> str:
@@ -365,9 +402,19 @@ def describe_merging(config) -> str:
     return f"{config.merge_mode}, r={merge_r}" if merging_on(config) else "no merging"
 
 
-def predicted_label(logits: torch.Tensor, config) -> str:
+def prediction(logits: torch.Tensor, config) -> str:
+    """`predicts LABEL` for the title, or that there is no classifier (a base model's logits are its features)."""
+    if config.num_labels == 0:
+        return "has no classifier"
     predicted = int(logits.argmax())
-    return (config.id2label or {}).get(predicted, str(predicted))
+    return f"predicts {(config.id2label or {}).get(predicted, str(predicted))}"
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def merging_on(config) -> bool:
@@ -378,7 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         description="Draw a Conformer's attention rollout and merge maps for some images into a PNG, one row each.",
     )
-    parser.add_argument("--model", required=True, help="Model folder (saved with save_pretrained) or Hub id.")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="Conformer folder (saved with save_pretrained) or Hub id, or a folder or Hub id of transformers' ViT "
+        f"family, converted on the fly: {', '.join(SOURCE_CLASSES)}.",
+    )
     parser.add_argument(
         "--image",
         required=True,
@@ -403,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--merge-r",
         "--merge_r",
         dest="merge_r",
-        type=int,
+        type=non_negative_int,
         default=None,
         help="r for --compare-modes (default: the model's own r, or, if it does not merge, one that removes about "
         "three quarters of the patches).",
@@ -426,31 +478,28 @@ def merge_panel(image: np.ndarray, trace: MergeTrace, layer: int, grid: tuple[in
     labels = merge_map(trace.source_maps[layer + 1], grid)[0].numpy()
     num_patch_tokens = len(np.unique(labels))
     border_width = max(1, image.shape[0] // (8 * grid[0]))
-    predicted = predicted_label(trace.logits[0], config)
-    title = f"{describe_merging(config)}: {num_patch_tokens} patch tokens\nafter layer {layer}, predicts {predicted}"
+    predicted = prediction(trace.logits[0], config)
+    title = f"{describe_merging(config)}: {num_patch_tokens} patch tokens\nafter layer {layer}, {predicted}"
     return Panel(paint_merge_map(image, labels, border_width), title)
 
 
-def models_to_draw(model, compare_modes: bool, merge_r: int | None, num_patches: int) -> list:
-    """The models whose merge maps are drawn: `model` itself if it merges, or with `compare_modes` its weights under
-    every merge mode, at `merge_r` (default: the model's own, or `default_merge_r` if it does not merge)."""
-    config = model.config
+def merge_settings(config, compare_modes: bool, merge_r: int | None, num_patches: int) -> list[tuple]:
+    """The (merge_mode, merge_r) whose merge maps are drawn: the model's own if it merges, or with `compare_modes`
+    every merge mode at `merge_r` (default: the model's own, or `default_merge_r` if it does not merge)."""
     if not compare_modes:
-        return [model] if merging_on(config) else []
+        return [(config.merge_mode, config.merge_r)] if merging_on(config) else []
     modes = [mode for mode in MERGE_MODES if mode != "none"]
     if merge_r is None:
-        merging = merging_on(config)
-        merge_r = config.merge_r if merging else default_merge_r(num_patches, config.num_hidden_layers, modes)
-    return [
-        model
-        if (mode, merge_r) == (config.merge_mode, config.merge_r)
-        else load_model(config.name_or_path, merge_mode=mode, merge_r=merge_r)
-        for mode in modes
-    ]
+        merge_r = config.merge_r
+        if not merging_on(config):
+            merge_r = default_merge_r(
+                num_patches, config.num_hidden_layers, modes, num_prefix_tokens=config.num_prefix_tokens
+            )
+    return [(mode, merge_r) for mode in modes]
 
 
-def draw_row(caption: str, pixel_values: torch.Tensor, display: np.ndarray, model, merge_models, layer: int):
-    """The panels of one image: the image with the predicted label, the rollout, one merge map per model."""
+def draw_row(caption: str, pixel_values: torch.Tensor, display: np.ndarray, model, settings, layer: int, model_name):
+    """The panels of one image: the image with the predicted label, the rollout, one merge map per merge setting."""
     config = model.config
     grid = (pixel_values.shape[-2] // config.patch_size, pixel_values.shape[-1] // config.patch_size)
     forward_kwargs = {}
@@ -460,23 +509,22 @@ def draw_row(caption: str, pixel_values: torch.Tensor, display: np.ndarray, mode
 
     trace = trace_model(model, pixel_values, **forward_kwargs)
     rollout = attention_rollout(trace.attentions[: layer + 1], trace.source_maps[: layer + 1])
-    heat = rollout_map(rollout, grid)[0].numpy()
+    heat = rollout_map(rollout, grid, config.class_token)[0].numpy()
     heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-12)  # stretched to [0, 1] for display
-    model_name = Path(config.name_or_path).name
+    query = "class token" if config.class_token else "mean of all tokens (no class token)"
     panels = [
+        Panel(shown, f"{caption}, {grid[0]}x{grid[1]} patches\n{model_name} {prediction(trace.logits[0], config)}"),
         Panel(
             shown,
-            f"{caption}, {grid[0]}x{grid[1]} patches\n{model_name} predicts {predicted_label(trace.logits[0], config)}",
-        ),
-        Panel(
-            shown,
-            f"attention rollout, layers 0-{layer}\n({describe_merging(config)}; min-max scaled)",
+            f"attention rollout from the {query}, layers 0-{layer}\n({describe_merging(config)}; min-max scaled)",
             heat=upsample_map(heat, shown.shape[:2]),
         ),
     ]
-    for merge_model in merge_models:
-        merge_trace = trace if merge_model is model else trace_model(merge_model, pixel_values, **forward_kwargs)
-        panels.append(merge_panel(shown, merge_trace, layer, grid, merge_model.config))
+    own_setting = (config.merge_mode, config.merge_r)
+    for setting in settings:
+        with merging(model, *setting, num_patches=math.prod(grid)):
+            merge_trace = trace if setting == own_setting else trace_model(model, pixel_values, **forward_kwargs)
+            panels.append(merge_panel(shown, merge_trace, layer, grid, config))
     return panels
 
 
@@ -494,9 +542,10 @@ def render(args: argparse.Namespace) -> Path:
     processor = load_image_processor(args.model, config.image_size)
     inputs = [preprocess(image, processor, config.num_channels) for image, _ in images]
     num_patches = math.prod(size // config.patch_size for size in inputs[0][0].shape[-2:])
-    merge_models = models_to_draw(model, args.compare_modes, args.merge_r, num_patches)
+    settings = merge_settings(config, args.compare_modes, args.merge_r, num_patches)
+    model_name = Path(args.model).name
     rows = [
-        draw_row(caption, pixel_values, display, model, merge_models, layer)
+        draw_row(caption, pixel_values, display, model, settings, layer, model_name)
         for (_, caption), (pixel_values, display) in zip(images, inputs)
     ]
     return plot_panels(rows, args.output)
