@@ -25,9 +25,9 @@ from common import (
     RESULTS_DIR,
     digits_config,
     environment_line,
-    keep_freed_memory,
     predict,
     schedule_for,
+    set_up_cpu,
     time_models,
     train,
     write_results,
@@ -153,9 +153,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    allocator = keep_freed_memory()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    allocator = set_up_cpu(args.threads)
     train_set, test_set = digits_tensors(digits_config().image_size)
     training = (train_set, test_set, args.epochs, args.lr, args.seed, args.cnn_head_channels)
     runs = [

@@ -120,6 +120,14 @@ def keep_freed_memory() -> str:
     return "allocator left as it is (mallopt refused)"
 
 
+def set_up_cpu(threads: int, keep_memory: bool = True) -> str:
+    """Use `threads` torch threads (0: torch's default) and, with `keep_memory`, glibc's allocator keeping freed
+    memory; returns what was done to the allocator, for the results file."""
+    if threads:
+        torch.set_num_threads(threads)
+    return keep_freed_memory() if keep_memory else "allocator left as it is"
+
+
 def synchronize(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

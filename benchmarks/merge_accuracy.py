@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from common import (
     DIGITS_SHAPE,
@@ -31,6 +30,7 @@ from common import (
     markdown_table,
     predict,
     schedule_for,
+    set_up_cpu,
     train,
     with_merging,
     write_results,
@@ -171,8 +171,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_up_cpu(args.threads, keep_memory=False)
     train_set, test_set = digits_tensors(digits_config().image_size)
     model, how = base_model(ROOT / args.model_dir, train_set, args.epochs, args.lr, args.seed, args.retrain)
     rows = off_the_shelf(model, test_set, args.r_values)

@@ -23,8 +23,8 @@ from common import (
     REFERENCE_MODE,
     RESULTS_DIR,
     environment_line,
-    keep_freed_memory,
     schedule_for,
+    set_up_cpu,
     time_models,
     write_results,
 )
@@ -135,9 +135,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    allocator = keep_freed_memory()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    allocator = set_up_cpu(args.threads)
     set_seed(args.seed)
     config = ConformerConfig.from_preset("ViT-S_16")
     keys = key_sets(ConformerForImageClassification(config).eval(), args.seed)

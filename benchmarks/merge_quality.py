@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import MODES, REFERENCE_MODE, RESULTS_DIR, ROOT, environment_line, write_results
+from common import MODES, REFERENCE_MODE, RESULTS_DIR, ROOT, environment_line, set_up_cpu, write_results
 from transformers import set_seed
 
 from configuration_conformer import ConformerConfig
@@ -281,8 +281,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_up_cpu(args.threads, keep_memory=False)
     functions = matching_functions(args.modes, reference=not args.no_reference)
     sets = synthetic_sets(args.seeds, args.batch_size, args.num_tokens, args.channels)
     sets |= {} if args.skip_photos else photo_sets(args.photo_layers, args.seed)

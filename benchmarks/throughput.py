@@ -22,8 +22,8 @@ from common import (
     RESULTS_DIR,
     environment_line,
     flop_ratio,
-    keep_freed_memory,
     schedule_for,
+    set_up_cpu,
     synchronize,
     time_models,
     write_results,
@@ -256,9 +256,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    allocator = "allocator left as it is" if args.default_allocator else keep_freed_memory()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    allocator = set_up_cpu(args.threads, keep_memory=not args.default_allocator)
     set_seed(args.seed)
     depth = {"num_hidden_layers": args.layers} if args.layers else {}
     config = ConformerConfig.from_preset(args.preset, image_size=args.image_size, num_labels=1000, **depth)
