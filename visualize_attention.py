@@ -511,12 +511,12 @@ def draw_row(caption: str, pixel_values: torch.Tensor, display: np.ndarray, mode
     rollout = attention_rollout(trace.attentions[: layer + 1], trace.source_maps[: layer + 1])
     heat = rollout_map(rollout, grid, config.class_token)[0].numpy()
     heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-12)  # stretched to [0, 1] for display
-    query = "class token" if config.class_token else "mean of all tokens (no class token)"
+    query = "the class token" if config.class_token else "the mean of all tokens"  # no class token: all are pooled
     panels = [
         Panel(shown, f"{caption}, {grid[0]}x{grid[1]} patches\n{model_name} {prediction(trace.logits[0], config)}"),
         Panel(
             shown,
-            f"attention rollout from the {query}, layers 0-{layer}\n({describe_merging(config)}; min-max scaled)",
+            f"attention rollout, layers 0-{layer}\nfrom {query}\n({describe_merging(config)}; min-max scaled)",
             heat=upsample_map(heat, shown.shape[:2]),
         ),
     ]

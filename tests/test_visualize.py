@@ -244,3 +244,114 @@ def test_cli_bad_input_is_one_line_error(model_folder, tmp_path, capsys, monkeyp
     assert not output.is_file()
     if problem == "output under a file":
         assert (tmp_path / "file.txt").read_text() == "the user's notes"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# transformers' ViT family: prefix tokens first (DeiT's distillation token, DINOv2's registers), or none (SigLIP)
+# --------------------------------------------------------------------------------------------------------------------
+
+FAMILY_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+FAMILY = {  # class name -> (config class, extra config kwargs, prefix tokens)
+    "DeiTForImageClassificationWithTeacher": ("DeiTConfig", {"intermediate_size": 64, "num_labels": 3}, 2),
+    "Dinov2WithRegistersModel": ("Dinov2WithRegistersConfig", {"num_register_tokens": 2}, 3),
+    "SiglipVisionModel": ("SiglipVisionConfig", {"intermediate_size": 64}, 0),
+}
+FAMILY_GRID = (4, 4)  # image 32, patch 8
+
+
+def family_source(name):
+    """A small transformers model of `name` with every parameter randomised (so that norms and layer scale matter)."""
+    import transformers
+
+    config_class, extra, _ = FAMILY[name]
+    config = getattr(transformers, config_class)(**FAMILY_TINY, **extra, attn_implementation="eager")
+    torch.manual_seed(0)
+    source = getattr(transformers, name)(config).eval()
+    with torch.no_grad():
+        for parameter in source.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    return source
+
+
+@pytest.fixture(scope="module")
+def family_sources():
+    return {name: family_source(name) for name in FAMILY}
+
+
+def family_model(source, **merging):
+    return ConformerForImageClassification.from_transformers(source, attn_implementation="eager", **merging).eval()
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_family_rollout_without_merging_is_plain_rollout_of_the_sources_attention(family_sources, pixel_values, name):
+    source = family_sources[name]
+    with torch.no_grad():
+        source_attentions = source(pixel_values, output_attentions=True).attentions
+    expected = plain_rollout(source_attentions)
+    trace = trace_model(family_model(source), pixel_values)
+    rollout = attention_rollout(trace.attentions, trace.source_maps[:-1])
+    torch.testing.assert_close(rollout, expected, atol=1e-5, rtol=1e-4)
+    # The query: the class token's row where there is one, else the mean of all rows; the patches are the last 16.
+    query = expected[:, 0] if FAMILY[name][2] else expected.mean(dim=1)
+    torch.testing.assert_close(
+        rollout_map(rollout, FAMILY_GRID, class_token=bool(FAMILY[name][2])).flatten(1), query[:, -16:]
+    )
+
+
+@pytest.mark.parametrize("merge_mode", MERGING_MODES)
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_family_rollout_rows_sum_to_one_and_merge_map_partitions_the_patches(
+    family_sources, pixel_values, name, merge_mode
+):
+    prefix = FAMILY[name][2]
+    model = family_model(family_sources[name], merge_mode=merge_mode, merge_r=3)
+    trace = trace_model(model, pixel_values)
+    rollout = attention_rollout(trace.attentions, trace.source_maps[:-1])
+    assert rollout.shape == (2, prefix + 16, prefix + 16) and (rollout >= 0).all()
+    torch.testing.assert_close(rollout.sum(dim=-1), torch.ones(2, prefix + 16))
+    heat = rollout_map(rollout, FAMILY_GRID, class_token=bool(prefix))
+    assert heat.shape == (2, *FAMILY_GRID) and (heat > 0).all()
+
+    final_map = trace.source_maps[-1]
+    num_tokens = prefix + 16 - 6  # r = 3 in each of 2 layers
+    labels = merge_map(final_map, FAMILY_GRID)
+    sizes = token_sizes_from_source_map(final_map, num_tokens)
+    for image in range(2):
+        # The prefix tokens hold no patch; every other final token holds at least one, as many as its size says.
+        counts = torch.bincount(labels[image].flatten(), minlength=num_tokens)
+        assert (counts[:prefix] == 0).all() and (counts[prefix:] > 0).all()
+        torch.testing.assert_close(counts[prefix:].float(), sizes[image, prefix:])
+
+
+@pytest.fixture(scope="module")
+def family_folders(family_sources, tmp_path_factory):
+    folders = {}
+    for name, source in family_sources.items():
+        folders[name] = tmp_path_factory.mktemp(name)
+        source.save_pretrained(folders[name])
+    return folders
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_cli_draws_a_transformers_folder_of_the_family(family_folders, tmp_path, name):
+    output = tmp_path / "family.png"
+    argv = ["--model", str(family_folders[name]), "--output", str(output), "--compare-modes", "--image", "digits:0"]
+    assert main(argv) == 0
+    width, height = png_size(output)
+    num_panels = 2 + len(MERGING_MODES)
+    assert 250 * num_panels < width < 400 * num_panels and 250 < height < 450
+    assert sorted(path.name for path in family_folders[name].iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_cli_refuses_a_folder_outside_the_family_in_one_line(tmp_path, capsys):
+    from transformers import ResNetConfig, ResNetModel
+
+    folder = tmp_path / "resnet"
+    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])).save_pretrained(folder)
+    output = tmp_path / "out.png"
+    status = main(["--model", str(folder), "--image", "sample", "--output", str(output)])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "'resnet'" in err and "ResNetModel" in err and "DeiTModel" in err and "SiglipVisionModel" in err
+    assert not output.exists()
