@@ -1,0 +1,441 @@
+"""A task where merging matters: cluttered digits. scikit-learn's 8x8 digits, scaled up to a random size, pasted with
+a random ink and contrast at a random place on random crops of scikit-image's bundled photographs and textures
+(64 px in 8-px patches: 64 patch tokens, most of them background). A small Conformer is trained on it without
+merging, then evaluated with every merge mode over a sweep of r (off the shelf), and again after a short fine-tune with
+merging on (ToMe's second setting); images/s of every setting are measured in one run, so that the modes can be
+compared at equal speed and not only at equal r.
+
+    python benchmarks/merge_task.py             # about 15 minutes on 2 CPU threads
+    python benchmarks/merge_task.py --train_images 512 --test_images 128 --epochs 1 --r_values 4  # a quick check
+
+Train and test use disjoint digit images (a fixed split of scikit-learn's 1797) and disjoint background pixels (each
+photograph's left three quarters for training, the rest for testing). Writes `results/merge_task.{md,csv,png}`.
+"""
+
+import argparse
+import copy
+import csv
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from configuration_conformer import MERGE_MODES, ConformerConfig  # noqa: E402
+from modeling_conformer import ConformerForImageClassification, merge_schedule  # noqa: E402
+
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+MODES = tuple(mode for mode in MERGE_MODES if mode != "none")
+REFERENCE_MODE = "bipartite"  # ToMe's matching: the others are compared with it at equal images/s
+
+# Photographs and textures that scikit-image ships inside its wheel (no download).
+BACKGROUNDS = (
+    "astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
+    "hubble_deep_field", "immunohistochemistry", "moon", "page", "rocket", "text",
+)  # fmt: skip
+TRAIN_FRACTION = 0.75  # of each background's width (left part) and of the digit images
+DIGIT_SPLIT_SEED = 0  # the train/test split of the digit images does not depend on --seed
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The data
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_backgrounds() -> list[torch.Tensor]:
+    """Each bundled image as float RGB in [0, 1], [3, height, width] (grey ones repeated, alpha dropped)."""
+    import skimage.data
+
+    backgrounds = []
+    for name in BACKGROUNDS:
+        image = torch.from_numpy(np.asarray(getattr(skimage.data, name)(), dtype=np.float32) / 255.0)
+        image = image[..., None].expand(-1, -1, 3) if image.ndim == 2 else image[..., :3]
+        backgrounds.append(image.permute(2, 0, 1).contiguous())
+    return backgrounds
+
+
+def background_columns(width: int, split: str) -> tuple[int, int]:
+    """The columns [start, stop) of a background that `split` may crop from: train and test never share a pixel."""
+    boundary = int(width * TRAIN_FRACTION)
+    return (0, boundary) if split == "train" else (boundary, width)
+
+
+def digit_pool(split: str, num_digits: int = 1797) -> np.ndarray:
+    """Indices of scikit-learn's digit images that `split` draws from (a fixed permutation, cut at TRAIN_FRACTION)."""
+    order = np.random.default_rng(DIGIT_SPLIT_SEED).permutation(num_digits)
+    cut = int(num_digits * TRAIN_FRACTION)
+    return order[:cut] if split == "train" else order[cut:]
+
+
+def sample_layout(rng: np.random.Generator, background_shapes, pool, split: str, image_size: int) -> dict:
+    """Where one image comes from: a digit, a square background crop (inside the split's columns) and where, how big
+    and in which ink the digit goes."""
+    background = int(rng.integers(len(background_shapes)))
+    height, width = background_shapes[background]
+    start, stop = background_columns(width, split)
+    largest = min(height, stop - start, 3 * image_size)
+    crop_side = int(rng.integers(min(image_size // 2, largest), largest + 1))
+    digit_side = int(rng.integers(image_size // 4, image_size // 2 + 1))
+    crop_top = int(rng.integers(height - crop_side + 1))
+    crop_left = start + int(rng.integers(stop - start - crop_side + 1))
+    box_top, box_left = (int(value) for value in rng.integers(image_size - digit_side + 1, size=2))
+    return {
+        "digit": int(rng.choice(pool)),
+        "background": background,
+        "crop": (crop_top, crop_left, crop_side),
+        "box": (box_top, box_left, digit_side),
+        "contrast": float(rng.uniform(0.6, 1.0)),
+        "ink": rng.uniform(0.0, 0.25, 3).tolist(),  # dark; mirrored to light on dark backgrounds
+    }  # fmt: skip
+
+
+def background_crop(background: torch.Tensor, crop, image_size: int) -> torch.Tensor:
+    top, left, side = crop
+    patch = background[None, :, top : top + side, left : left + side]
+    return F.interpolate(patch, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def paste_digit(canvas: torch.Tensor, digit: np.ndarray, box, contrast: float, ink) -> torch.Tensor:
+    """Blend `digit` (8x8, 0-16) into `canvas` [3, size, size] inside `box` as alpha; the ink is dark on light
+    backgrounds and light on dark ones, so that every digit stays visible."""
+    top, left, side = box
+    alpha = torch.from_numpy(np.asarray(digit, dtype=np.float32) / 16.0)[None, None]
+    alpha = F.interpolate(alpha, size=(side, side), mode="bilinear", align_corners=False)[0].clamp(0, 1) * contrast
+    region = canvas[:, top : top + side, left : left + side]
+    ink = torch.tensor(ink).view(3, 1, 1)
+    ink = ink if region.mean() > 0.5 else 1 - ink
+    canvas = canvas.clone()
+    canvas[:, top : top + side, left : left + side] = region * (1 - alpha) + ink * alpha
+    return canvas
+
+
+def cluttered_digits(num_images: int, split: str, image_size: int = 64, seed: int = 0, backgrounds=None) -> dict:
+    """`num_images` cluttered digits of `split` ("train" or "test"), the same for the same arguments: `images` uint8
+    [N, 3, size, size], `labels` [N], and each image's `layouts` (digit index, background, crop, digit box)."""
+    from sklearn.datasets import load_digits
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    digits = load_digits()
+    backgrounds = load_backgrounds() if backgrounds is None else backgrounds
+    shapes = [tuple(background.shape[1:]) for background in backgrounds]
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    layouts = [sample_layout(rng, shapes, digit_pool(split), split, image_size) for _ in range(num_images)]
+    images = torch.empty(num_images, 3, image_size, image_size)
+    for i, layout in enumerate(layouts):
+        canvas = background_crop(backgrounds[layout["background"]], layout["crop"], image_size)
+        images[i] = paste_digit(
+            canvas, digits.images[layout["digit"]], layout["box"], layout["contrast"], layout["ink"]
+        )
+    images = images.mul_(255).round_().clamp_(0, 255).to(torch.uint8)  # one call: per-image calls cost more here
+    labels = torch.tensor([int(digits.target[layout["digit"]]) for layout in layouts])
+    return {"images": images, "labels": labels, "layouts": layouts}
+
+
+def to_pixel_values(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images to the model's input range [-1, 1] (ViT's mean 0.5, std 0.5)."""
+    return images.float().div(127.5).sub(1.0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The model, its training and its evaluation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def task_config(hidden_size: int, num_layers: int, num_heads: int, image_size: int, patch_size: int = 8):
+    labels = {i: str(i) for i in range(10)}
+    return ConformerConfig(
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=4 * hidden_size,
+        image_size=image_size,
+        patch_size=patch_size,
+        num_labels=10,
+        id2label=labels,
+        label2id={name: i for i, name in labels.items()},
+        classifier="token",
+        merge_mode="none",
+    )
+
+
+def train(model, images, labels, epochs: int, lr: float, seed: int, batch_size: int = 64):
+    """AdamW (weight decay 0.05), 5% linear warm-up then cosine decay to 0; the same batches for the same seed."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    model.train()
+    generator = torch.Generator().manual_seed(seed)
+    total_steps = epochs * math.ceil(len(labels) / batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, total_steps // 20), total_steps)
+    for epoch in range(epochs):
+        order, total_loss = torch.randperm(len(labels), generator=generator), 0.0
+        for start in range(0, len(labels), batch_size):
+            batch = order[start : start + batch_size]
+            loss = model(to_pixel_values(images[batch]), labels=labels[batch]).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total_loss += loss.item() * len(batch)
+        print(f"    epoch {epoch + 1}/{epochs}: loss {total_loss / len(labels):.4f}", flush=True)
+    return model.eval()
+
+
+def with_merging(model, mode: str, schedule: list[int]):
+    """A copy of `model` (same weights) that merges `schedule[layer]` tokens per layer with `mode`."""
+    config = copy.deepcopy(model.config)
+    config.merge_mode, config.merge_r = mode, list(schedule)
+    merged = ConformerForImageClassification(config)
+    merged.load_state_dict(model.state_dict())
+    return merged.eval()
+
+
+@torch.inference_mode()
+def predict(model, images, batch_size: int = 250) -> torch.Tensor:
+    model.eval()
+    return torch.cat(
+        [model(to_pixel_values(images[i : i + batch_size])).logits for i in range(0, len(images), batch_size)]
+    )
+
+
+def compare(logits, labels, reference_logits) -> dict:
+    """Accuracy and mean KL(reference || model), the reference being the unmerged model."""
+    log_probs, reference_log_probs = F.log_softmax(logits.float(), -1), F.log_softmax(reference_logits.float(), -1)
+    kl = F.kl_div(log_probs, reference_log_probs, log_target=True, reduction="none").sum(-1)
+    return {"accuracy %": 100 * (logits.argmax(-1) == labels).float().mean().item(), "KL": kl.mean().item()}
+
+
+@torch.inference_mode()
+def images_per_second(models: dict, pixel_values, repeats: int) -> dict:
+    """Median images/s of each model, timed round-robin after a warm-up (the first model rotated each repeat, so a
+    change of load on the machine hits all alike)."""
+    names = list(models)
+    for name in names:
+        models[name](pixel_values)
+    samples = {name: [] for name in names}
+    for repeat in range(repeats):
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+            start = time.perf_counter()
+            models[name](pixel_values)
+            samples[name].append(len(pixel_values) / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The sweep
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def schedules(r_values, num_tokens: int, num_layers: int) -> dict:
+    """r -> tokens merged per layer, clamped for every mode at once (ToMe's rule): equal r, equal token counts."""
+    return {r: merge_schedule(r, num_tokens, num_layers, modes=MODES) for r in r_values}
+
+
+def measure_speed(base, schedule_of: dict, test_images, batch_size: int, repeats: int) -> dict:
+    """Images/s of the unmerged model (key (None, 0)) and of every (mode, r), all timed in one round-robin."""
+    models = {(None, 0): base}
+    models |= {(mode, r): with_merging(base, mode, schedule) for mode in MODES for r, schedule in schedule_of.items()}
+    return images_per_second(models, to_pixel_values(test_images[:batch_size]), repeats)
+
+
+def result_row(mode, r, schedule, num_tokens, logits, test, reference_logits, speed) -> dict:
+    return {
+        "mode": mode or "none",
+        "r": r,
+        "schedule": "/".join(map(str, schedule)) if r else "-",
+        "tokens left": num_tokens - sum(schedule),
+        **compare(logits, test["labels"], reference_logits),
+        "images/s": speed[(mode, r)],
+        "speed-up": speed[(mode, r)] / speed[(None, 0)],
+    }
+
+
+def off_the_shelf(base, schedule_of: dict, test, speed, num_tokens: int) -> list[dict]:
+    """The trained model evaluated with every mode and r, weights unchanged."""
+    reference_logits = predict(base, test["images"])
+    rows = [result_row(None, 0, [], num_tokens, reference_logits, test, reference_logits, speed)]
+    for mode in MODES:
+        for r, schedule in schedule_of.items():
+            logits = predict(with_merging(base, mode, schedule), test["images"])
+            rows.append(result_row(mode, r, schedule, num_tokens, logits, test, reference_logits, speed))
+    return rows
+
+
+def fine_tuned(base, schedule_of: dict, train_set, test, speed, num_tokens: int, epochs: int, lr: float, seed: int):
+    """Each mode and r fine-tuned with merging on, from the same weights, on the same batches (ToMe's second
+    setting); KL is still against the unmerged base model."""
+    reference_logits = predict(base, test["images"])
+    rows = [result_row(None, 0, [], num_tokens, reference_logits, test, reference_logits, speed)]
+    for mode in MODES:
+        for r, schedule in schedule_of.items():
+            print(f"Fine-tuning with {mode} merging, r={r} ({'/'.join(map(str, schedule))})", flush=True)
+            model = train(with_merging(base, mode, schedule), *train_set, epochs=epochs, lr=lr, seed=seed + 1)
+            rows.append(
+                result_row(mode, r, schedule, num_tokens, predict(model, test["images"]), test, reference_logits, speed)
+            )
+    return rows
+
+
+def add_equal_speed_columns(rows: list[dict]) -> list[dict]:
+    """Beside each row, the reference mode's accuracy at the same images/s (linear between its measured points, the
+    unmerged model included; "-" outside their range) and the difference: the comparison at equal speed."""
+    points = sorted((row["images/s"], row["accuracy %"]) for row in rows if row["mode"] in ("none", REFERENCE_MODE))
+    speeds, accuracies = np.array([p[0] for p in points]), np.array([p[1] for p in points])
+    for row in rows:
+        inside = speeds[0] <= row["images/s"] <= speeds[-1]
+        at_speed = float(np.interp(row["images/s"], speeds, accuracies)) if inside else math.nan
+        row[f"{REFERENCE_MODE} at same images/s"] = at_speed
+        row["gain at equal speed"] = row["accuracy %"] - at_speed
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Result files
+# --------------------------------------------------------------------------------------------------------------------
+
+COLUMNS = ["mode", "r", "schedule", "tokens left", "accuracy %", "KL", "images/s", "speed-up"]
+COLUMNS += [f"{REFERENCE_MODE} at same images/s", "gain at equal speed"]
+DIGITS = {"accuracy %": 1, "KL": ".2e", "images/s": 0, "speed-up": 2, "gain at equal speed": 1}
+
+
+def format_value(value, digits) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else format(value, digits if isinstance(digits, str) else f".{digits}f")
+    return str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(format_value(row[column], DIGITS.get(column, 1)) for column in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def write_results(results_dir: Path, name: str, settings: str, tables: dict) -> str:
+    """`{name}.md` (the settings and one table per entry of `tables`), `{name}.csv` (all rows, a `table` column
+    naming theirs) and `{name}.png`; returns the Markdown."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    parts = ["# Merging on cluttered digits", "", settings, ""]
+    for heading, rows in tables.items():
+        parts += [f"## {heading}", "", markdown_table(rows), ""]
+    text = "\n".join(parts)
+    (results_dir / f"{name}.md").write_text(text)
+    with open(results_dir / f"{name}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["table", *COLUMNS])
+        writer.writeheader()
+        writer.writerows({"table": heading, **row} for heading, rows in tables.items() for row in rows)
+    plot(results_dir / f"{name}.png", tables)
+    return text
+
+
+def plot(path: Path, tables: dict):
+    """Accuracy against measured images/s, one panel per table, one line per mode (the unmerged model on each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4.5), sharey=True, squeeze=False)
+    for axis, (heading, rows) in zip(axes[0], tables.items()):
+        unmerged = [row for row in rows if row["mode"] == "none"]
+        for mode in MODES:
+            points = unmerged + [row for row in rows if row["mode"] == mode]
+            axis.plot([p["images/s"] for p in points], [p["accuracy %"] for p in points], "o-", label=mode)
+            for point in points[1:]:
+                axis.annotate(str(point["r"]), (point["images/s"], point["accuracy %"]), fontsize=7)
+        axis.set(title=heading, xlabel="images/s (measured, one run)")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy %  (numbers: r)")
+    axes[0][0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--train_images", type=int, default=6000, help="training images (digits drawn from the train digit pool)")
+    add("--test_images", type=int, default=1000, help="test images (disjoint digits and background pixels)")
+    add("--image_size", type=int, default=64, help="image side in pixels (a multiple of --patch_size)")
+    add("--patch_size", type=int, default=8, help="patch side in pixels")
+    add("--hidden_size", type=int, default=96, help="model width")
+    add("--layers", type=int, default=6, help="transformer layers")
+    add("--heads", type=int, default=3, help="attention heads")
+    add("--epochs", type=int, default=4, help="epochs of training without merging")
+    add("--lr", type=float, default=1e-3, help="peak learning rate of the training without merging")
+    add("--r_values", type=int, nargs="+", default=[2, 4, 6, 8, 10], help="r of the off-the-shelf sweep")
+    add("--finetune_r", type=int, nargs="*", default=[6, 10], help="r values fine-tuned with merging on, every mode")
+    add("--finetune_epochs", type=int, default=1, help="epochs of each fine-tune with merging on")
+    add("--finetune_lr", type=float, default=3e-4, help="peak learning rate of the fine-tunes")
+    add("--timing_batch", type=int, default=64, help="batch size of the images/s measurement")
+    add("--timing_repeats", type=int, default=9, help="timings per setting (the median is reported)")
+    add("--threads", type=int, default=2, help="torch threads")
+    add("--seed", type=int, default=0, help="seed of the data and of training")
+    add("--results_dir", type=Path, default=RESULTS_DIR, help="folder of merge_task.{md,csv,png}")
+    args = parser.parse_args(argv)
+    if args.image_size % args.patch_size or min(args.train_images, args.test_images, args.epochs) < 1:
+        parser.error("--image_size must be a multiple of --patch_size; images and epochs at least 1")
+    if min(args.r_values) < 1 or not set(args.finetune_r) <= set(args.r_values):
+        parser.error("--r_values must be at least 1, and --finetune_r a subset of them (their speed is measured)")
+    if min(args.timing_batch, args.timing_repeats, args.threads, args.finetune_epochs) < 1:
+        parser.error("--timing_batch, --timing_repeats, --threads and --finetune_epochs must be at least 1")
+    return args
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from transformers import set_seed
+
+    start = time.perf_counter()
+    backgrounds = load_backgrounds()
+    train_set = cluttered_digits(args.train_images, "train", args.image_size, args.seed, backgrounds)
+    test = cluttered_digits(args.test_images, "test", args.image_size, args.seed, backgrounds)
+    print(f"Training without merging: {args.epochs} epochs on {args.train_images} images", flush=True)
+    set_seed(args.seed)
+    base = ConformerForImageClassification(
+        task_config(args.hidden_size, args.layers, args.heads, args.image_size, args.patch_size)
+    )
+    train(base, train_set["images"], train_set["labels"], args.epochs, args.lr, args.seed)
+    num_tokens = 1 + base.config.num_patches
+    schedule_of = schedules(args.r_values, num_tokens, args.layers)
+    speed = measure_speed(base, schedule_of, test["images"], args.timing_batch, args.timing_repeats)
+    tables = {"Off the shelf": add_equal_speed_columns(off_the_shelf(base, schedule_of, test, speed, num_tokens))}
+    if args.finetune_r:
+        finetune_schedules = {r: schedule_of[r] for r in args.finetune_r}
+        rows = fine_tuned(
+            base, finetune_schedules, (train_set["images"], train_set["labels"]), test, speed, num_tokens,
+            args.finetune_epochs, args.finetune_lr, args.seed,
+        )  # fmt: skip
+        tables[f"After {args.finetune_epochs} epoch(s) of fine-tuning with merging on"] = add_equal_speed_columns(rows)
+    settings = (
+        f"{args.train_images} training / {args.test_images} test images of {args.image_size} px in "
+        f"{args.patch_size}-px patches ({num_tokens} tokens); Conformer of width {args.hidden_size}, "
+        f"{args.layers} layers, {args.heads} heads, class-token classifier, trained {args.epochs} epochs without "
+        f"merging (AdamW, lr {args.lr}); fine-tunes {args.finetune_epochs} epoch(s) at lr {args.finetune_lr}. KL is "
+        f"KL(unmerged || merged) on the test set. images/s: median of {args.timing_repeats} round-robin timings at "
+        f"batch {args.timing_batch}, torch {torch.__version__}, {args.threads} thread(s), seed {args.seed}; "
+        f"the whole run took {time.perf_counter() - start:.0f} s."
+    )
+    text = write_results(args.results_dir, "merge_task", settings, tables)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
