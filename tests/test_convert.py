@@ -240,7 +240,7 @@ def test_model_cards_directory_is_what_the_converter_generates(tmp_path, capsys)
     assert converter.main(["--write_model_cards", str(tmp_path)]) == 0
     committed = REPO_DIR / "model_cards"
     expected_names = {f"{model_type}.md" for model_type in converter.SEED_CHECKPOINTS}
-    assert {path.name for path in committed.glob("*.md")} == expected_names | {"template.md"}
+    assert {path.name for path in committed.glob("*.md")} == expected_names
     for name in sorted(expected_names):
         assert (committed / name).read_text(encoding="utf-8") == (tmp_path / name).read_text(encoding="utf-8"), (
             f"model_cards/{name} is stale: regenerate with python convert_npz_to_hf.py --write_model_cards"
