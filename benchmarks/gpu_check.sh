@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check, one command on one GPU (about 8 minutes, most of it compiling): fp16 and bf16 throughput of ViT-B/16
-# at 224 px, batch 256, for r = 0, 8, 16, every merge mode, eager and torch.compile'd, beside timm's and transformers'
-# ViT of the same shape; peak memory and the FLOP limit beside each; a host-sync check around each merged forward.
+# The GPU check, one command on one GPU (meant to take under 8 minutes, most of it compiling; not yet timed on a GPU):
+# fp16 and bf16 throughput of ViT-B/16 at 224 px, batch 256, for r = 0, 8, 16, every merge mode, eager and
+# torch.compile'd, beside timm's and transformers' ViT of the same shape; peak memory and the FLOP limit beside each;
+# a host-sync check around each merged forward.
 # Writes benchmarks/results/gpu_check.{md,csv,png}.
 #
 #   bash benchmarks/gpu_check.sh          # on a machine with CUDA
