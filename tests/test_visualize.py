@@ -198,6 +198,7 @@ BAD_INPUTS = [
     "missing model",
     "layer out of range",
     "negative merge_r",
+    "merge_r too large",
     "output is a folder",
     "output under a file",
     "output read-only",
@@ -226,6 +227,8 @@ def test_cli_bad_input_is_one_line_error(model_folder, tmp_path, capsys, monkeyp
         extra = ["--layer", "3"]
     elif problem == "negative merge_r":
         extra = ["--compare-modes", "--merge-r", "-1"]
+    elif problem == "merge_r too large":
+        extra = ["--compare-modes", "--merge-r", "40"]  # bipartite removes at most 32 of the 65 tokens of layer 0
     elif problem == "output is a folder":
         output = tmp_path
     elif problem == "output under a file":
@@ -341,6 +344,15 @@ def test_cli_draws_a_transformers_folder_of_the_family(family_folders, tmp_path,
     num_panels = 2 + len(MERGING_MODES)
     assert 250 * num_panels < width < 400 * num_panels and 250 < height < 450
     assert sorted(path.name for path in family_folders[name].iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_cli_draws_a_conformer_folder_converted_from_the_family_with_its_own_merging(family_sources, tmp_path):
+    folder = tmp_path / "conformer_dinov2"
+    family_model(family_sources["Dinov2WithRegistersModel"], merge_mode="ward", merge_r=3).save_pretrained(folder)
+    output = tmp_path / "converted.png"
+    assert main(["--model", str(folder), "--output", str(output), "--image", "sample"]) == 0
+    width, height = png_size(output)
+    assert 3 * 250 < width < 3 * 400  # image, rollout, the model's own merge map
 
 
 def test_cli_refuses_a_folder_outside_the_family_in_one_line(tmp_path, capsys):
