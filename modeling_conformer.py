@@ -175,7 +175,9 @@ def submodular_matching(
     with torch.no_grad():
         unit, weight = _unit_vectors_and_weights(metric, size)
         similarity = unit @ unit.transpose(-1, -2)  # [batch, tokens, tokens] cosine
-        similarity.diagonal(dim1=-2, dim2=-1).fill_(1.0)  # a kept token represents itself exactly
+        similarity = (similarity + similarity.transpose(-1, -2)) / 2  # exactly symmetric in every runtime
+        # A kept token represents itself exactly (a mask, not an in-place diagonal view, which ONNX cannot take).
+        similarity = similarity.masked_fill_(torch.eye(num_tokens, dtype=torch.bool, device=metric.device), 1.0)
         positions = torch.arange(num_tokens, device=metric.device)
         kept = torch.ones(batch, num_tokens, dtype=torch.bool, device=metric.device)
         removable = kept.clone()
@@ -196,7 +198,9 @@ def submodular_matching(
             loss = torch.zeros_like(weight).scatter_add_(1, representative, weight * (best - second))
             candidate = kept & removable
             loss = loss.masked_fill(~candidate, math.inf)
-            order = loss.argsort(dim=-1)  # cheapest first
+            # Cheapest first. Two tokens that are each other's second choice tie exactly: break ties by position
+            # (a stable sort, which ONNX cannot export), so that every runtime keeps the same token.
+            order = (loss.double() + positions * 1e-12).argsort(dim=-1)
             rank = torch.empty_like(order).scatter_(1, order, positions.expand(batch, -1))
             in_pool = candidate & (rank < (2 * still_to_remove))
             joins = torch.where(representative == positions, second_choice, representative)  # where i would go
@@ -229,7 +233,12 @@ def _fallback_rounds(num_groups: int, r: int) -> int:
 
 
 def ward_matching(
-    metric: torch.Tensor, r: int, size: torch.Tensor | None = None, protect_cls: bool = True, max_rounds: int = 12
+    metric: torch.Tensor,
+    r: int,
+    size: torch.Tensor | None = None,
+    protect_cls: bool = True,
+    max_rounds: int = 1,
+    refine: bool = True,
 ):
     """Ward's agglomerative clustering of the tokens down to N - r groups, in a fixed number of batched rounds.
 
@@ -239,19 +248,25 @@ def ward_matching(
     merge at once and the merge tree (with its costs) stays that of sequential Ward; costs only grow up the tree, so the
     r cheapest merges are Ward's cut at N - r groups. Each round merges every mutual pair (the lighter group into the
     heavier) and records parent and cost. Once r recorded merges cost no more than the cheapest merge still possible,
-    the cut is exact and that image records no more merges. An image still short of r merges after `max_rounds`
-    rounds lets every group join its nearest (chains of nearest groups end in a mutual pair, so the joins form a
-    tree) in as many rounds as guarantee r merges, and those merges are taken only to fill up.
+    the cut is exact and that image records no more merges (`max_rounds=20` reaches it on nearly every input).
+
+    Each round costs one N x N matrix, so by default one round runs (`max_rounds=1`), then `refine`: the r groups that
+    the cheapest merges formed each record a merge into their nearest group (an r x N matrix), which is what a second
+    round would find first. An image still short of r merges then fills up with merges of every other group into its
+    nearest (chains of nearest groups end in a mutual pair, so these form a tree), taken after all the others.
 
     The number of rounds depends on r and the token count only, and nothing branches on the data: one graph for
     `torch.compile(fullgraph=True)`, `torch.export` and ONNX, no host sync on a GPU, and NaN or inf keys (zeroed)
-    cannot stop it from ending.
+    cannot keep it from ending.
     """
     batch, num_tokens, channels = metric.shape
     _check_merge_r(r, num_tokens, "ward", protect_cls)
     if r == 0:
         return _identity, _identity
-    num_rounds = max(max_rounds, 1) - 1 + max(1, _fallback_rounds(num_tokens - int(protect_cls), r))
+    max_rounds = max(max_rounds, 1)
+    filling_rounds = max(1, _fallback_rounds(num_tokens - int(protect_cls), r))
+    num_rounds = max_rounds - 1 + filling_rounds
+    refine = refine and filling_rounds == 1  # refining reads the groups of mutual merges, before any filler moved
     with torch.no_grad():
         unit, weight = _unit_vectors_and_weights(metric, size)
         positions = torch.arange(num_tokens, device=metric.device)
@@ -264,37 +279,35 @@ def ward_matching(
         if protect_cls:
             live[:, 0] = False  # the class token neither joins nor takes in a group
         exact = torch.zeros_like(filler[:, :1])
+        itself = torch.eye(num_tokens, dtype=torch.bool, device=metric.device)  # a mask, not a diagonal view: ONNX
         for round_index in range(num_rounds):
-            filling = round_index >= max_rounds - 1
-            # Ward cost of joining groups i and j: ||c_i - c_j||^2 / (1/w_i + 1/w_j)  [batch, groups, groups]
-            squared_norm = (centroid * centroid).sum(-1).masked_fill(~live, math.inf)
-            cost = torch.baddbmm(
-                squared_norm[:, :, None] + squared_norm[:, None, :], centroid, centroid.transpose(-1, -2), alpha=-2
-            )
-            inverse_weight = 1.0 / group_weight
-            cost = cost.div_(inverse_weight[:, :, None] + inverse_weight[:, None, :])
-            cost.diagonal(dim1=-2, dim2=-1).fill_(math.inf)
+            last_round = round_index == num_rounds - 1
+            cost = _ward_costs(centroid, group_weight, centroid, group_weight, live).masked_fill_(itself, math.inf)
             best_cost, nearest = cost.min(dim=-1)
-            second_cost = cost.scatter_(2, nearest[..., None], math.inf).amin(dim=-1)
-            can_join = live & best_cost.isfinite()
+            can_join = live & best_cost.isfinite() & ~exact
             mutual = can_join & (nearest.gather(1, nearest) == positions)
             nearest_weight = group_weight.gather(1, nearest)
             lighter = (group_weight < nearest_weight) | ((group_weight == nearest_weight) & (positions > nearest))
             joins = mutual & lighter  # one group of each mutual pair joins the other
-            if filling:
-                joins = joins | (can_join & ~mutual)
-            joins &= ~exact
-            if filling:  # after the first filling round no merge is Ward's any more
-                filler |= joins if round_index >= max_rounds else joins & ~mutual
+            if round_index >= max_rounds - 1:  # filling: every other group may join its nearest
+                fills = can_join & ~mutual
+                filler |= fills | (joins if round_index >= max_rounds else False)  # then no merge is Ward's
+                joins = joins | (fills if not last_round else False)  # the last round's fills move no centroid
+                merge_cost = torch.where(fills, best_cost, merge_cost)
+                parent = torch.where(fills, nearest, parent)
             merge_cost = torch.where(joins, best_cost, merge_cost)
             parent = torch.where(joins, nearest, parent)
-            # No later merge can cost less than the cheapest cost left after this round.
-            lower_bound = torch.where(mutual, second_cost, best_cost).masked_fill(~live, math.inf).amin(-1, True)
-            exact |= ((merge_cost <= lower_bound) & ~filler).sum(-1, keepdim=True) >= r
+            if last_round and not refine:
+                break
+            if not last_round:
+                # No later merge can cost less than the cheapest cost left after this round.
+                second_cost = cost.scatter_(2, nearest[..., None], math.inf).amin(dim=-1)
+                lower_bound = torch.where(mutual, second_cost, best_cost).masked_fill(~live, math.inf).amin(-1, True)
+                exact |= ((merge_cost <= lower_bound) & ~filler).sum(-1, keepdim=True) >= r
 
             # Each joining group's weight and weighted centroid go to the group it ends in.
             target = torch.where(joins, nearest, positions)
-            if filling:  # joins may chain there
+            if round_index >= max_rounds - 1:  # fills may chain
                 for _ in range(num_tokens.bit_length()):
                     target = target.gather(1, target)
             moved_weight = group_weight * joins
@@ -308,6 +321,8 @@ def ward_matching(
             group_weight = torch.where(joins, group_weight, new_weight)
             live &= ~joins
 
+        if refine:
+            merge_cost, parent = _refine_ward(merge_cost, parent, filler, exact, centroid, group_weight, live, r)
         # The r cheapest recorded merges, those made only to reach r last (no Ward cost is above 4 * total weight).
         priority = merge_cost + filler * (4 * weight.sum(-1, keepdim=True))
         merged = torch.zeros_like(filler).scatter_(1, priority.topk(r, dim=-1, largest=False).indices, True)
@@ -316,6 +331,40 @@ def ward_matching(
             owner = owner.gather(1, owner)
         destination = _destination_from_owner(owner, ~merged)
     return _merge_by_destination(destination, num_tokens - r)
+
+
+def _ward_costs(centroid_a, weight_a, centroid_b, weight_b, live_b):
+    """Ward cost of joining group a with group b, `||c_a - c_b||^2 / (1/w_a + 1/w_b)` [batch, a, b]; inf where b is
+    not live."""
+    squared_norm_b = (centroid_b * centroid_b).sum(-1).masked_fill(~live_b, math.inf)
+    squared_norm_a = (centroid_a * centroid_a).sum(-1)
+    cost = torch.baddbmm(
+        squared_norm_a[:, :, None] + squared_norm_b[:, None, :], centroid_a, centroid_b.transpose(-1, -2), alpha=-2
+    )
+    return cost.div_((1.0 / weight_a)[:, :, None] + (1.0 / weight_b)[:, None, :])
+
+
+def _refine_ward(merge_cost, parent, filler, exact, centroid, group_weight, live, r):
+    """Let the groups formed by the r cheapest Ward merges each record a merge into their nearest live group, in the
+    slot of the group's head (which has not merged), as the next round would; images already exact are left alone."""
+    batch, num_tokens, channels = centroid.shape
+    exact_cost = merge_cost.masked_fill(filler, math.inf)
+    cheapest = exact_cost.topk(r, dim=-1, largest=False).indices
+    formed = parent.gather(1, cheapest)  # the heads of the groups those merges made
+    valid = exact_cost.gather(1, cheapest).isfinite() & live.gather(1, formed) & ~exact
+    formed_centroid = centroid.gather(1, formed[..., None].expand(-1, -1, channels))
+    cost = _ward_costs(formed_centroid, group_weight.gather(1, formed), centroid, group_weight, live)
+    best_cost, nearest = cost.scatter_(2, formed[..., None], math.inf).min(dim=-1)
+    # Two formed groups nearest to each other: the merge is recorded once (by the later head).
+    slot = torch.where(valid, formed, num_tokens)  # invalid entries go to a spare column
+    choice = torch.full((batch, num_tokens + 1), -1, dtype=torch.long, device=parent.device)
+    choice = choice.scatter(1, slot, nearest)
+    valid &= best_cost.isfinite() & ~((choice.gather(1, nearest) == formed) & (formed < nearest))
+    slot = torch.where(valid, formed, num_tokens)
+    spare = merge_cost.new_full((batch, 1), math.inf)
+    merge_cost = torch.cat([merge_cost, spare], 1).scatter(1, slot, best_cost)[:, :num_tokens]
+    parent = torch.cat([parent, parent[:, :1]], 1).scatter(1, slot, nearest)[:, :num_tokens]
+    return merge_cost, parent
 
 
 def merge_wavg(merge: Callable, x: torch.Tensor, size: torch.Tensor | None = None):

@@ -1,0 +1,131 @@
+"""Every merge mode runs as one graph: `torch.compile(fullgraph=True)`, `torch.export` and ONNX (dynamo exporter, run by
+onnxruntime) give the eager model's logits, with a per-layer merge schedule and odd token counts.
+
+Compiling is slow on a CPU, so each mode's model is built and exported once (module-scoped fixtures) and every test
+reads the shared artefacts."""
+
+import pytest
+import torch
+from torch import nn
+
+from configuration_conformer import ConformerConfig
+from modeling_conformer import MATCHING_FUNCTIONS, ConformerForImageClassification
+
+onnx = pytest.importorskip("onnx")
+onnxruntime = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+# 40 px, patch 8: 26 tokens, then 19 (odd) after layer 0, 19, 15.
+TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=64,
+    image_size=40,
+    patch_size=8,
+    num_labels=5,
+    merge_r=[7, 0, 4],
+)
+ATOL = 1e-4
+
+
+class _Logits(nn.Module):
+    """`pixel_values -> logits`, the signature that exporters and runtimes expect."""
+
+    def __init__(self, model: ConformerForImageClassification, interpolate_pos_encoding: bool):
+        super().__init__()
+        self.model = model
+        self.interpolate_pos_encoding = interpolate_pos_encoding
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values, interpolate_pos_encoding=self.interpolate_pos_encoding).logits
+
+
+def export_onnx(model: ConformerForImageClassification, path, image_size: int | None = None, opset_version: int = 18):
+    """Write `model` as an ONNX file: input `pixel_values` [batch, channels, image_size, image_size] with a dynamic
+    batch dimension, output `logits` [batch, num_labels]. Merging is part of the graph (every `merge_mode`).
+    `image_size` other than the config's exports with interpolated position embeddings. Puts the model in eval mode.
+    Returns the `torch.export.ExportedProgram` that was converted (run it with `.module()`)."""
+    config = model.config
+    image_size = image_size or config.image_size
+    model.eval()
+    example = torch.zeros(2, config.num_channels, image_size, image_size, dtype=model.dtype)
+    program = torch.export.export(
+        _Logits(model, interpolate_pos_encoding=image_size != config.image_size),
+        (example,),
+        dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}},
+    )
+    torch.onnx.export(
+        program,
+        (example,),
+        str(path),
+        input_names=["pixel_values"],
+        output_names=["logits"],
+        opset_version=opset_version,
+        dynamo=True,
+        verbose=False,
+    )
+    return program
+
+
+@pytest.fixture(scope="module", params=sorted(MATCHING_FUNCTIONS))
+def exported(request, tmp_path_factory):
+    """One model per merge mode, exported once: (model, its ExportedProgram, the ONNX file's path)."""
+    torch.manual_seed(0)
+    model = ConformerForImageClassification(ConformerConfig(**TINY, merge_mode=request.param)).eval()
+    path = tmp_path_factory.mktemp(request.param) / "model.onnx"
+    program = export_onnx(model, path)
+    return model, program, path
+
+
+def eager_logits(model, pixel_values):
+    with torch.no_grad():
+        return model(pixel_values).logits
+
+
+def test_merging_really_happens_in_the_exported_models(exported):
+    model, _, _ = exported
+    outputs = model(torch.randn(2, 3, 40, 40), output_hidden_states=True)
+    assert [h.shape[1] for h in outputs.hidden_states] == [26, 19, 19, 15]
+
+
+def test_torch_compile_fullgraph_equals_eager(exported):
+    """`fullgraph=True` fails on any graph break (a Python branch on a tensor, `.item()`, a data-dependent shape).
+    The aot_eager backend traces exactly what inductor compiles (dynamo, then AOT autograd's functional graph) and
+    runs it without the minutes of C++ code generation inductor needs on a CPU."""
+    model, _, _ = exported
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    pixel_values = torch.randn(3, 3, 40, 40)
+    with torch.no_grad():
+        logits = compiled(pixel_values).logits
+    assert torch.allclose(logits, eager_logits(model, pixel_values), atol=ATOL)
+
+
+def test_torch_export_equals_eager_for_any_batch(exported):
+    model, program, _ = exported
+    for batch in (3, 5):
+        pixel_values = torch.randn(batch, 3, 40, 40)
+        with torch.no_grad():
+            logits = program.module()(pixel_values)
+        assert torch.allclose(logits, eager_logits(model, pixel_values), atol=ATOL)
+
+
+def test_onnx_has_named_inputs_and_outputs_and_a_dynamic_batch(exported):
+    _, _, path = exported
+    graph = onnx.load(str(path)).graph
+    assert [value.name for value in graph.input] == ["pixel_values"]
+    assert [value.name for value in graph.output] == ["logits"]
+    pixel_dims = graph.input[0].type.tensor_type.shape.dim
+    logit_dims = graph.output[0].type.tensor_type.shape.dim
+    assert pixel_dims[0].dim_param and not pixel_dims[0].HasField("dim_value")  # symbolic, not a fixed number
+    assert logit_dims[0].dim_param == pixel_dims[0].dim_param
+    assert [d.dim_value for d in pixel_dims[1:]] == [3, 40, 40] and logit_dims[1].dim_value == 5
+
+
+def test_onnxruntime_equals_eager(exported):
+    model, _, path = exported
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 4):
+        pixel_values = torch.randn(batch, 3, 40, 40)
+        (logits,) = session.run(["logits"], {"pixel_values": pixel_values.numpy()})
+        assert torch.allclose(torch.from_numpy(logits), eager_logits(model, pixel_values), atol=ATOL)
