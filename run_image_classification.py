@@ -30,6 +30,8 @@ import datasets
 import numpy as np
 import torch
 import transformers
+from accelerate import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
 from safetensors import safe_open
 from transformers import AutoImageProcessor, HfArgumentParser, Trainer, TrainingArguments, ViTImageProcessor
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, SchedulerType, set_seed
@@ -502,6 +504,16 @@ class ConformerTrainer(Trainer):
     card_facts: dict = {}
     loss_sum_before_resume = 0.0
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if state.distributed_type == DistributedType.MULTI_CPU and parse_flag_from_env("ACCELERATE_USE_FSDP"):
+            # accelerate keeps its FSDP plugin only on GPU-like devices and falls back to DDP on CPUs, although
+            # torch's `fully_shard` runs on CPUs with gloo: engage it here, so that a sharded run can be tried on CPUs.
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**(self.args.fsdp_plugin_args or {}))
+            state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.is_fsdp_enabled = True
+
     def _save_checkpoint(self, model, trial):
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save:  # written first: trainer_state.json, written last, marks the checkpoint complete
@@ -665,6 +677,12 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments, training
     )
 
     logger.info(f"Distributed mode: {trainer.accelerator.distributed_type.value}.")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and trainer.accelerator.distributed_type == DistributedType.NO:  # no gradient would be shared
+        raise ScriptError(
+            f"{launched} processes were launched, but accelerate found no GPU to join them in one run; "
+            "on CPUs pass --use_cpu --ddp_backend gloo."
+        )
     if training_args.do_train:
         if checkpoint is not None:
             warn_about_missing_state(checkpoint)

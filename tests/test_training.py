@@ -391,25 +391,104 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def accelerate_launch(tmp_path, launcher: list[str], script: Path, args: list) -> subprocess.CompletedProcess:
+    """`accelerate launch` of two processes on this machine's CPUs (gloo), offline, ignoring any user config."""
+    command = [PYTHON, "-m", "accelerate.commands.launch", *launcher, "--num_processes", "2", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    args = [*args, "--use_cpu", "--ddp_backend", "gloo", "--max_train_samples", "64", "--max_steps", "-1"]
+    args += ["--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1"]
+    env = {**OFFLINE_ENV, "HF_HOME": str(tmp_path / "hf_home")}  # no stray default accelerate config
+    done = subprocess.run(
+        [*command, str(script), *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=420
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
 def test_two_cpu_processes_with_accelerate_launch(tmp_path):
     """Each process sees half of every step's examples: 64 examples, 8 per process and step, 2 processes: 4 steps
     (one process would take 8)."""
     output = tmp_path / "ddp"
-    accelerate = [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    accelerate += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    accelerate += ["--main_process_port", str(free_port())]
-    args = ["--output_dir", output, *TINY_MODEL, *QUICK, "--use_cpu", "--ddp_backend", "gloo"]
-    args += ["--max_train_samples", "64", "--max_steps", "-1", "--num_train_epochs", "1"]
-    args += ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1"]
-    env = {**OFFLINE_ENV, "HF_HOME": str(tmp_path / "hf_home")}  # no stray default accelerate config
-    done = subprocess.run(
-        [*accelerate, str(REPO / "run_image_classification.py"), *map(str, args)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=420,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "Process 1 of 2" in done.stdout + done.stderr
+    script_path = REPO / "run_image_classification.py"
+    done = accelerate_launch(tmp_path, ["--multi_gpu"], script_path, ["--output_dir", output, *TINY_MODEL, *QUICK])
+    assert "Process 1 of 2" in done.stdout + done.stderr and "Distributed mode: MULTI_CPU" in done.stdout
     assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 4
     assert "eval_accuracy" in results(output)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPUs")
+def test_launched_processes_that_cannot_join_are_refused(tmp_path):
+    """Launched without --use_cpu on a machine without GPUs, accelerate shares no gradients ("Distributed mode: NO")
+    and every process would train alone into the same folder."""
+    command = [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    args = [arg for arg in QUICK if arg != "--use_cpu"] + ["--gradient_accumulation_steps", "1"]
+    done = subprocess.run(
+        [*command, str(REPO / "run_image_classification.py"), "--output_dir", str(tmp_path), *TINY_MODEL, *args],
+        cwd=REPO, env={**OFFLINE_ENV, "HF_HOME": str(tmp_path / "hf_home")}, capture_output=True, text=True,
+        timeout=420,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "error: 2 processes were launched, but accelerate found no GPU" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "model.safetensors").exists()  # (the traceback in stderr is the launcher's report)
+
+
+# Runs the training script in each process and, once the model is saved, records what the sharded model holds and
+# computes on three fixed images (FSDP's forward is collective: every process runs it).
+SHARD_PROBE = """
+import sys, torch
+from torch.distributed.tensor import DTensor
+import run_image_classification as script
+
+class ProbedTrainer(script.ConformerTrainer):
+    def save_model(self, *args, **kwargs):
+        super().save_model(*args, **kwargs)
+        params = list(self.model.parameters())
+        torch.manual_seed(0)
+        pixel_values = torch.randn(3, 3, 16, 16)
+        self.model.eval()
+        with torch.no_grad():
+            logits = self.model(pixel_values=pixel_values).logits
+        self.model.train()
+        torch.save({
+            "pixel_values": pixel_values, "logits": logits, "numel": sum(p.numel() for p in params),
+            "local_numel": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params),
+            "dtensors": sum(isinstance(p, DTensor) for p in params), "parameters": len(params),
+        }, f"{self.args.output_dir}/probe-{self.args.process_index}.pt")
+
+script.ConformerTrainer = ProbedTrainer
+sys.exit(script.main())
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_config_shards_on_two_cpu_processes_and_saves_a_full_checkpoint(tmp_path):
+    """accelerate_configs/fsdp.yaml (FSDP2, one shard unit per layer) on two CPU processes: every parameter is a
+    DTensor of which each process holds about half, and the saved full state dict reloads into one process with the
+    logits the sharded model computed."""
+    output = tmp_path / "fsdp"
+    probe = tmp_path / "probe.py"
+    probe.write_text(SHARD_PROBE)
+    launcher = ["--config_file", REPO / "accelerate_configs" / "fsdp.yaml"]
+    done = accelerate_launch(tmp_path, launcher, probe, ["--output_dir", output, *TINY_MODEL, *QUICK])
+    assert "Distributed mode: FSDP" in done.stdout
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 4  # each process half a step
+
+    shards = [torch.load(output / f"probe-{rank}.pt", weights_only=True) for rank in (0, 1)]
+    for shard in shards:
+        assert shard["dtensors"] == shard["parameters"] == 40
+        assert 0.4 * shard["numel"] < shard["local_numel"] < 0.6 * shard["numel"]  # 10101 and 9525 of 19626
+    assert sum(shard["local_numel"] for shard in shards) == shards[0]["numel"]
+    torch.testing.assert_close(shards[0]["logits"], shards[1]["logits"], rtol=0, atol=0)
+
+    model = ConformerForImageClassification.from_pretrained(output).eval()
+    assert sum(p.numel() for p in model.parameters()) == shards[0]["numel"]
+    with torch.no_grad():
+        logits = model(pixel_values=shards[0]["pixel_values"]).logits
+    torch.testing.assert_close(logits, shards[0]["logits"], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits[0], logits[1], atol=1e-3)  # the logits tell the images apart
 
 
 @pytest.mark.parametrize("name", sorted(path.name for path in (REPO / "accelerate_configs").glob("*.yaml")))
