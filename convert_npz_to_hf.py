@@ -764,8 +764,8 @@ example `from_pretrained(..., trust_remote_code=True, merge_mode="bipartite", me
 Configured as `merge_mode="{{ merging.merge_mode }}"`, `merge_r={{ merging.merge_r }}`, proportional attention \
 {{ "on" if merging.proportional_attention else "off" }}, classifier `{{ merging.classifier }}`:
 the {{ merging.tokens_in }} tokens are reduced to {{ merging.tokens_out }} by the last layer{% if prefix_tokens %} \
-(the {{ prefix_tokens | join(" and ") }} never merge){% endif %}. The weights are the original model's, trained \
-without merging; expect some loss of accuracy until the model is fine-tuned with merging on. Load with \
+(merging leaves the {{ prefix_tokens | join(" and ") }} alone){% endif %}. The weights are the original model's, \
+trained without merging; expect some loss of accuracy until the model is fine-tuned with merging on. Load with \
 `merge_mode="none"` to get the original model's outputs.
 {%- endif %}
 
@@ -1010,9 +1010,12 @@ def _remove_conversion(folder: Path):
     folder.rmdir()
 
 
-def _check_output_dir(output_dir: Path, npz_path: Path, overwrite: bool):
+def _check_output_dir(output_dir: Path, source: Path | None, overwrite: bool):
+    """Refuse an `--output_dir` that holds the source (checkpoint file or folder) or the working directory, is a
+    file, or holds anything but a previous conversion (without `overwrite`: anything at all)."""
     target, cwd = output_dir.resolve(), Path.cwd().resolve()
-    if target in (cwd, *cwd.parents, *npz_path.resolve().parents):
+    sources = (source.resolve(), *source.resolve().parents) if source is not None else ()
+    if target in (cwd, *cwd.parents, *sources):
         raise ConversionError(
             f"--output_dir {output_dir} holds the checkpoint or the current directory; name a new folder for the result"
         )
@@ -1028,6 +1031,13 @@ def _check_output_dir(output_dir: Path, npz_path: Path, overwrite: bool):
             f"--output_dir {output_dir} holds what no conversion wrote ({', '.join(foreign[:3])}"
             f"{', ...' if len(foreign) > 3 else ''}); --overwrite replaces only a previous conversion"
         )
+
+
+def _check_onnx_path(path: Path, overwrite: bool):
+    """Checked before converting: `--export_onnx` writes `path` and `path.data` (the weights), nothing else."""
+    for existing in (path, path.with_name(path.name + ".data")):
+        if existing.is_dir() or (existing.exists() and not overwrite):
+            raise ConversionError(f"--export_onnx {path}: {existing} exists (pass --overwrite to replace it)")
 
 
 def _process_is_running(pid: int) -> bool:
@@ -1048,6 +1058,14 @@ def _remove_stale_staging(target: Path):
             _remove_conversion(folder)
 
 
+def _merging_flags(config: ConformerConfig) -> list[str]:
+    words = []
+    if config.merge_mode != "none":
+        merge_r = ",".join(map(str, config.merge_r)) if isinstance(config.merge_r, list) else config.merge_r
+        words.append(f"--merge_mode {config.merge_mode} --merge_r {merge_r}")
+    return words
+
+
 def _command_line(npz_path, output_dir, config, architecture, model_type, named_labels) -> str:
     """The command that reproduces a conversion (file names only, for the model card)."""
     words = ["python convert_npz_to_hf.py", f"--npz_path {npz_path.name}", f"--output_dir {output_dir.name}"]
@@ -1057,11 +1075,47 @@ def _command_line(npz_path, output_dir, config, architecture, model_type, named_
         words.append("--id2label labels.json")
     elif config.num_labels != architecture.num_classes:
         words.append(f"--num_labels {config.num_labels}")
-    if config.merge_mode != "none":
-        merge_r = ",".join(map(str, config.merge_r)) if isinstance(config.merge_r, list) else config.merge_r
-        words.append(f"--merge_mode {config.merge_mode} --merge_r {merge_r}")
+    words += _merging_flags(config)
     words += [f"--classifier {config.classifier}"] * (config.classifier != "token")
     return " ".join(words + ["--verify"])
+
+
+def write_conversion(model, facts: CardFacts, output_dir: Path, source: Path | None, overwrite: bool, **extras):
+    """Write the folder of a conversion to `output_dir`, all or nothing: it is staged beside `output_dir` and moved
+    into place only once complete. `extras` go to `write_folder`; `verify(staging) -> differences`, if given, runs
+    on the staged folder and its result enters the card."""
+    verify = extras.pop("verify", None)
+    target = output_dir.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(target)
+    staging = target.parent / f".{target.name}{STAGING_MARK}{os.getpid()}"
+    try:
+        staging.mkdir()
+        write_folder(model, staging, facts, **extras)
+        if verify:
+            facts.verification = verify(staging)
+            (staging / "README.md").write_text(render_model_card(model.config, facts), encoding="utf-8")
+        _check_output_dir(output_dir, source, overwrite)  # again: another process may have written there meanwhile
+        if target.exists():
+            _remove_conversion(target)
+        staging.replace(target)
+    finally:
+        if staging.is_dir():
+            _remove_conversion(staging)
+
+
+def publish(model, output_dir: Path, push_to_hub: str | None = None, onnx_path=None):
+    """What follows a written folder: the ONNX export and the upload (the folder is complete if either fails)."""
+    if onnx_path:
+        difference = export_onnx(model, onnx_path)
+        print(f"wrote {onnx_path}: largest |onnxruntime - eager| on a random batch {difference:.3g}")
+    if push_to_hub:
+        try:
+            push_folder_to_hub(output_dir, push_to_hub)
+        except Exception as error:  # network, credentials, offline mode: the folder itself is complete
+            raise ConversionError(
+                f"wrote {output_dir}, but uploading it to {push_to_hub} failed ({type(error).__name__}: {error})"
+            ) from None
 
 
 def convert(
@@ -1074,16 +1128,19 @@ def convert(
     overwrite: bool = False,
     verify: bool = False,
     push_to_hub: str | None = None,
+    onnx_path: str | None = None,
     **config_overrides,
 ) -> Path:
     """Convert `npz_path` into the Hub-ready folder `output_dir`; returns its path.
 
     Nothing is written to `output_dir` unless the whole conversion (and, with `verify`, the comparison with timm)
     succeeds: the folder is staged beside it and moved into place at the end. `overwrite` replaces only a folder that
-    a previous conversion wrote.
+    a previous conversion wrote. `onnx_path`: also export the model, merging as configured, to this ONNX file.
     """
     npz_path, output_dir = Path(npz_path), Path(output_dir)
     _check_output_dir(output_dir, npz_path, overwrite)
+    if onnx_path:
+        _check_onnx_path(Path(onnx_path), overwrite)
     with load_npz(npz_path) as params:
         model, architecture = _convert(params, image_size, num_labels, id2label, model_type, **config_overrides)
     facts = CardFacts(
@@ -1095,35 +1152,155 @@ def convert(
         repo_id=push_to_hub or "path/to/this/folder",
         command=_command_line(npz_path, output_dir, model.config, architecture, model_type, id2label is not None),
     )
-
-    target = output_dir.resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(target)
-    staging = target.parent / f".{target.name}{STAGING_MARK}{os.getpid()}"
-    try:
-        staging.mkdir()
-        write_folder(model, staging, facts)
-        if verify:
-            facts.verification = verify_folder(staging, npz_path, architecture)
-            (staging / "README.md").write_text(render_model_card(model.config, facts), encoding="utf-8")
-        _check_output_dir(output_dir, npz_path, overwrite)  # again: another process may have written there meanwhile
-        if target.exists():
-            _remove_conversion(target)
-        staging.replace(target)
-    finally:
-        if staging.is_dir():
-            _remove_conversion(staging)
+    check = partial(verify_folder, npz_path=npz_path, architecture=architecture) if verify else None
+    write_conversion(model, facts, output_dir, npz_path, overwrite, verify=check)
     if facts.verification:
         differences = ", ".join(f"{key} {value:.3g}" for key, value in facts.verification.items() if key != "scale")
         print(f"verify: largest |ours - timm| on a random batch: {differences}")
-    if push_to_hub:
-        try:
-            push_folder_to_hub(target, push_to_hub)
-        except Exception as error:  # network, credentials, offline mode: the folder itself is complete
-            raise ConversionError(
-                f"wrote {output_dir}, but uploading it to {push_to_hub} failed ({type(error).__name__}: {error})"
-            ) from None
+    publish(model, output_dir, push_to_hub, onnx_path)
     return output_dir
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# transformers' ViT family (DeiT, DINOv2, CLIP and SigLIP towers, I-JEPA, ...) through `from_transformers`
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _local_folder(source) -> Path | None:
+    return Path(source) if isinstance(source, (str, os.PathLike)) and Path(source).is_dir() else None
+
+
+def source_image_processor(source, config: ConformerConfig):
+    """The source's own image processor when its folder (or Hub repo) has one and the resolution is unchanged;
+    otherwise `ViTImageProcessor` at the model's size, with the source processor's statistics if it has some."""
+    from transformers import AutoImageProcessor
+
+    processor = None
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            processor = AutoImageProcessor.from_pretrained(source)
+        except (OSError, ValueError):  # no preprocessor_config.json
+            processor = None
+    source_size = getattr(getattr(source, "config", None), "image_size", None)
+    if processor is not None and source_size in (None, config.image_size):
+        return processor
+    return image_processor(config, getattr(processor, "image_mean", None), getattr(processor, "image_std", None))
+
+
+def source_license(source) -> str | None:
+    """The `license` of the source's own model card (README.md of its folder or Hub repo), if it has one."""
+    from huggingface_hub import ModelCard
+
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    folder = _local_folder(source)
+    try:
+        return ModelCard.load(folder / "README.md" if folder else source).data.license
+    except Exception:  # no card, offline, not a repo: the card then names no license
+        return None
+
+
+def convert_transformers(
+    source,
+    output_dir,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    onnx_path: str | None = None,
+    **config_overrides,
+) -> Path:
+    """Convert a model of transformers' ViT family (a folder, a Hub id such as `facebook/dinov2-small`, or a model
+    object) into the Hub-ready folder `output_dir`, as `convert` does for Google's npz; returns its path.
+
+    `config_overrides` go to `ConformerForImageClassification.from_transformers` (`merge_mode`, `merge_r`,
+    `image_size`, `num_labels`, `classifier`, ...); the card names the source as its base model."""
+    output_dir, folder = Path(output_dir), _local_folder(source)
+    _check_output_dir(output_dir, folder, overwrite)
+    if onnx_path:
+        _check_onnx_path(Path(onnx_path), overwrite)
+    try:
+        model = ConformerForImageClassification.from_transformers(source, **config_overrides).eval()
+    except (TypeError, ValueError, StrictDataclassError) as error:  # an unsupported class, a bad override
+        raise ConversionError(" ".join(str(error).split())) from None
+    if isinstance(source, (str, os.PathLike)):
+        from transformers import AutoConfig
+
+        source_config = AutoConfig.from_pretrained(source)
+        name, source_class = str(source), source_config.architectures[0]
+    else:
+        source_config, name = source.config, type(source).__name__
+        source_class = name
+    source_size = getattr(source_config, "vision_config", source_config).image_size  # CLIPModel: its vision tower
+    has_head = "ForImageClassification" in source_class
+    processor = source_image_processor(source, model.config)
+    command = f"python convert_npz_to_hf.py --from_transformers {name} --output_dir {output_dir.name}"
+    command += f" --image_size {model.config.image_size}" * (model.config.image_size != source_size)
+    facts = CardFacts(
+        model_type=None,
+        source_file=name,
+        pretrained_classes=source_config.num_labels if has_head else None,
+        source_image_size=source_size,
+        # from_transformers keeps the source's head unless the classes or the classifier change
+        keep_head=has_head
+        and model.config.num_labels == source_config.num_labels
+        and "classifier" not in config_overrides,
+        repo_id=push_to_hub or "path/to/this/folder",
+        command=" ".join([command, *_merging_flags(model.config)]),
+        source_class=source_class,
+        preprocessing=f"`{type(processor).__name__}` (mean {processor.image_mean}, std {processor.image_std})",
+        reference=f"`{source_class}`",
+    )
+    write_conversion(
+        model, facts, output_dir, folder, overwrite, processor=processor, source_license=source_license(source)
+    )
+    publish(model, output_dir, push_to_hub, onnx_path)
+    return output_dir
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ONNX
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def export_onnx(model, path, tolerance: float = 1e-4) -> float:
+    """Export `model` (eval mode, merging as configured) with torch's dynamo exporter to `path` (the weights to
+    `path.data` beside it): input `pixel_values` with a dynamic batch dimension, output `logits`. Every merge mode is
+    one graph, so the merging runs inside ONNX. Checked with onnxruntime against eager on a random batch of another
+    size than the traced one; returns the largest difference (raises above `tolerance` times the logits' scale)."""
+    try:
+        import onnxruntime
+        import onnxscript  # noqa: F401  (what torch's exporter needs)
+    except ImportError as error:
+        raise ConversionError(
+            f"ONNX export needs the export extra: pip install 'conformer-vit[export]' ({error})"
+        ) from None
+    config, path = model.eval().config, Path(path)
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.rand(3, config.num_channels, config.image_size, config.image_size, generator=generator) * 2 - 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.onnx.export(
+            model,
+            (pixels[:2],),
+            str(path),
+            dynamo=True,
+            input_names=["pixel_values"],
+            output_names=["logits"],
+            dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch", min=1)}},
+            verbose=False,
+        )
+    except Exception as error:  # the exporter raises many kinds, wrapping the cause; one line names the cause
+        cause = error.__cause__ or error
+        raise ConversionError(
+            f"ONNX export failed ({type(cause).__name__}: {(str(cause) or '?').splitlines()[0]})"
+        ) from None
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (exported,) = session.run(["logits"], {"pixel_values": pixels.numpy()})
+    expected = model(pixels).logits
+    difference = (torch.from_numpy(exported) - expected).abs().max().item()
+    if not difference <= tolerance * max(1.0, expected.abs().max().item()):  # NaN fails too
+        raise ConversionError(f"ONNX export of {path} differs from eager by {difference:.3g} on a random batch")
+    return difference
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1191,6 +1368,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 ARGUMENTS = [  # (flag, argparse keywords, help)
     ("--npz_path", {}, "Google's checkpoint, e.g. ViT-B_16.npz or R50+ViT-B_16.npz."),
+    (
+        "--from_transformers",
+        dict(metavar="MODEL"),
+        "Instead of --npz_path: a transformers ViT-family folder or Hub id (ViT, DeiT, DINOv2, CLIP, SigLIP, ...).",
+    ),
     ("--output_dir", {}, "Folder to write: absent, empty, or (with --overwrite) a previous conversion."),
     ("--model_type", {}, "Expected model (ViT-B_16, ..., R50+ViT-B_16): a cross-check of the shapes read."),
     ("--image_size", dict(type=int), "Resolution; position embeddings are resampled bilinearly (as timm)."),
@@ -1198,9 +1380,10 @@ ARGUMENTS = [  # (flag, argparse keywords, help)
     ("--id2label", {}, 'JSON file naming the classes ({"0": "cat", ...} or a list); sets num_labels.'),
     ("--merge_mode", dict(choices=MERGE_MODES, default="none"), "Token merging between attention and MLP."),
     ("--merge_r", dict(default="0"), "Tokens merged per layer: one int, or one per layer (comma-separated)."),
-    ("--classifier", dict(choices=CLASSIFIERS, default="token"), "Pooling for the head; 'cnn' gets a new head."),
+    ("--classifier", dict(choices=CLASSIFIERS), "Pooling for the head (default: the source's); 'cnn' gets a new head."),
     ("--push_to_hub", dict(metavar="REPO_ID"), "Upload the folder to this Hub repository afterwards."),
     ("--verify", dict(action="store_true"), "Load the folder back and compare its outputs with timm's loader."),
+    ("--export_onnx", dict(metavar="PATH"), "Also export the model (merging on) to this ONNX file (+ PATH.data)."),
     ("--overwrite", dict(action="store_true"), "Replace an --output_dir that a previous conversion wrote."),
     (
         "--write_model_cards",
@@ -1211,7 +1394,10 @@ ARGUMENTS = [  # (flag, argparse keywords, help)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description="Convert a Google ViT checkpoint (.npz) into a Hub-ready Conformer folder.")
+    parser = ArgumentParser(
+        description="Convert a Google ViT checkpoint (.npz) or a transformers ViT-family model into a Hub-ready "
+        "Conformer folder."
+    )
     for flag, keywords, help_text in ARGUMENTS:
         parser.add_argument(flag, help=help_text, **keywords)
     return parser
@@ -1227,25 +1413,37 @@ def main(argv=None) -> int:
         if args.write_model_cards:
             print("\n".join(map(str, write_model_cards(args.write_model_cards))))
             return 0
-        if not args.npz_path or not args.output_dir:
-            raise ConversionError("--npz_path and --output_dir are required (or --write_model_cards)")
+        if bool(args.npz_path) == bool(args.from_transformers) or not args.output_dir:
+            raise ConversionError("--output_dir and one of --npz_path, --from_transformers are required")
         merge_r = parse_merge_r(args.merge_r)
         if merge_r != 0 and args.merge_mode == "none":
             raise ConversionError(f"--merge_r needs --merge_mode ({', '.join(MERGE_MODES[1:])})")
-        output_dir = convert(
-            args.npz_path,
-            args.output_dir,
-            model_type=args.model_type,
-            image_size=args.image_size,
-            num_labels=args.num_labels,
-            id2label=_read_id2label(args.id2label) if args.id2label else None,
-            overwrite=args.overwrite,
-            verify=args.verify,
-            push_to_hub=args.push_to_hub,
-            merge_mode=args.merge_mode,
-            merge_r=merge_r,
-            classifier=args.classifier,
-        )
+        id2label = _read_id2label(args.id2label) if args.id2label else None
+        common = dict(overwrite=args.overwrite, push_to_hub=args.push_to_hub, onnx_path=args.export_onnx)
+        common.update(merge_mode=args.merge_mode, merge_r=merge_r)
+        if args.npz_path:
+            output_dir = convert(
+                args.npz_path,
+                args.output_dir,
+                model_type=args.model_type,
+                image_size=args.image_size,
+                num_labels=args.num_labels,
+                id2label=id2label,
+                verify=args.verify,
+                classifier=args.classifier or "token",
+                **common,
+            )
+        else:
+            if args.model_type or args.verify:
+                raise ConversionError(
+                    "--model_type and --verify check an .npz against timm; not for a transformers model"
+                )
+            overrides = dict(image_size=args.image_size, num_labels=args.num_labels, classifier=args.classifier)
+            if id2label is not None:
+                overrides.update(id2label=id2label, num_labels=len(id2label))
+                overrides["label2id"] = {name: index for index, name in id2label.items()}
+            overrides = {key: value for key, value in overrides.items() if value is not None}
+            output_dir = convert_transformers(args.from_transformers, args.output_dir, **common, **overrides)
     except (ValueError, OSError) as error:  # OSError: disk full, permissions; still one line
         print("error: " + " ".join(str(error).split()), file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ from timm.models.vision_transformer_hybrid import _resnetv2
 
 import convert_npz_to_hf as converter
 from configuration_conformer import CLASSIFIERS, MERGE_MODES, ConformerConfig
+from modeling_conformer import ConformerForImageClassification
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 WIDTH, DEPTH, HEADS, MLP, PATCH, GRID, CLASSES = (
@@ -442,3 +443,165 @@ def test_parse_merge_r_takes_an_int_or_one_per_layer():
     assert converter.parse_merge_r("3") == 3 and converter.parse_merge_r("2,1,0") == [2, 1, 0]
     with pytest.raises(ValueError, match="comma-separated ints"):
         converter.parse_merge_r("2;1")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# transformers' ViT family: folders saved from small random models, loaded as a Hub id would be
+# --------------------------------------------------------------------------------------------------------------------
+
+FAMILY_SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+
+
+def family_sources():
+    """(name, model, extra command-line flags) for one small model of each class; every parameter randomised (not
+    just the init), so that layer scale, norms and biases matter."""
+    import transformers
+
+    mlp = dict(FAMILY_SHAPE, intermediate_size=64)
+    sources = [
+        ("deit", transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(**mlp, num_labels=3)), []),
+        (
+            "dinov2",
+            transformers.Dinov2ForImageClassification(
+                transformers.Dinov2Config(**FAMILY_SHAPE, mlp_ratio=2, num_labels=3)
+            ),
+            ["--merge_mode", "ward", "--merge_r", "2"],
+        ),
+        ("clip", transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**mlp)), []),
+        (
+            "siglip",
+            transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**mlp)),
+            ["--merge_mode", "bipartite", "--merge_r", "2"],
+        ),
+    ]
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, model, _ in sources:
+            for parameter in model.parameters():
+                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+    return [(name, model.eval(), flags) for name, model, flags in sources]
+
+
+def family_references(name, model, pixels) -> dict[str, torch.Tensor]:
+    """What the source itself computes: the Conformer's `logits` read what its head (or, headless, its pooling)
+    reads; SigLIP's classifier pools the mean of the tokens, computed here by hand."""
+    with torch.no_grad():
+        outputs = model(pixels, output_hidden_states=True)
+    if name in ("deit", "dinov2"):
+        return {"logits": outputs.logits}
+    references = {"last_hidden_state": outputs.last_hidden_state, "pooler_output": outputs.pooler_output}
+    references["logits"] = outputs.pooler_output if name == "clip" else outputs.last_hidden_state.mean(dim=1)
+    return references
+
+
+@pytest.mark.slow
+def test_from_transformers_writes_hub_folders_that_reload_equal_to_the_source(tmp_path, monkeypatch):
+    from transformers import BitImageProcessor
+
+    monkeypatch.chdir(tmp_path)
+    sources = family_sources()
+    for name, model, _ in sources:
+        model.save_pretrained(tmp_path / "org" / f"{name}-tiny")
+    BitImageProcessor(crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "org" / "dinov2-tiny")
+    (tmp_path / "org" / "clip-tiny" / "README.md").write_text("---\nlicense: mit\n---\n\nA tiny CLIP.\n")
+    for name, _, flags in sources:
+        argv = ["--from_transformers", f"org/{name}-tiny", "--output_dir", f"{name}-conformer", *flags]
+        assert converter.main(argv) == 0, name
+
+    for name, _, _ in sources:
+        out = tmp_path / f"{name}-conformer"
+        assert sorted(p.name for p in out.iterdir()) == sorted(converter.CONVERTED_FILES)
+        auto_map = json.loads((out / "config.json").read_text())["auto_map"]
+        assert {"AutoConfig", "AutoModel", "AutoModelForImageClassification"} <= set(auto_map)
+        processor = json.loads((out / "preprocessor_config.json").read_text())
+        if name == "dinov2":  # the source's own
+            assert processor["image_processor_type"].startswith("BitImageProcessor")
+        else:
+            assert processor["image_processor_type"] == "ViTImageProcessor" and processor["size"]["height"] == 32
+        card = ModelCard.load(out / "README.md")
+        assert card.data.base_model == f"org/{name}-tiny" and f"--from_transformers org/{name}-tiny" in card.text
+        assert card.data.license == ("mit" if name == "clip" else None)
+    assert "`Dinov2ForImageClassification`" in ModelCard.load(tmp_path / "dinov2-conformer" / "README.md").text
+    assert json.loads((tmp_path / "siglip-conformer" / "config.json").read_text())["merge_mode"] == "bipartite"
+
+    # Remote code, in a process that never imported our modules, from another directory; merging off for parity.
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModel, AutoModelForImageClassification\n"
+        "pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))\n"
+        "outputs = {}\n"
+        "for folder in sys.argv[2:]:\n"
+        "    kwargs = dict(trust_remote_code=True, merge_mode='none')\n"
+        "    with torch.no_grad():\n"
+        "        base = AutoModel.from_pretrained(folder, **kwargs).eval()(pixels)\n"
+        "        logits = AutoModelForImageClassification.from_pretrained(folder, **kwargs).eval()(pixels).logits\n"
+        "    outputs[folder] = {'logits': logits, 'last_hidden_state': base.last_hidden_state}\n"
+        "    if base.pooler_output is not None:\n"
+        "        outputs[folder]['pooler_output'] = base.pooler_output\n"
+        "torch.save(outputs, sys.argv[1])\n"
+    )
+    folders = [str(tmp_path / f"{name}-conformer") for name, _, _ in sources]
+    (tmp_path / "elsewhere").mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "outputs.pt"), *folders],
+        cwd=tmp_path / "elsewhere",
+        env=env,
+        check=True,
+    )
+    reloaded = torch.load(tmp_path / "outputs.pt", weights_only=True)
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for (name, model, _), folder in zip(sources, folders):
+        for key, expected in family_references(name, model, pixels).items():
+            assert (reloaded[folder][key] - expected).abs().max().item() < TOLERANCE, (name, key)
+
+
+def test_from_transformers_refuses_a_model_outside_the_family_in_one_line(tmp_path, capsys):
+    import transformers
+
+    config = transformers.ConvNextConfig(hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1], image_size=32)
+    transformers.ConvNextModel(config).save_pretrained(tmp_path / "convnext")
+    argv = ["--from_transformers", str(tmp_path / "convnext"), "--output_dir", str(tmp_path / "out")]
+    stderr = run_main_expecting_error(capsys, argv)
+    assert "ConvNextModel" in stderr and "Dinov2Model" in stderr and "SiglipVisionModel" in stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_from_transformers_and_npz_path_exclude_each_other(tmp_path, capsys, plain_npz):
+    argv = ["--npz_path", str(plain_npz), "--from_transformers", "org/model", "--output_dir", str(tmp_path / "out")]
+    assert "one of --npz_path, --from_transformers" in run_main_expecting_error(capsys, argv)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ONNX export, merging on
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("merge_mode", ["bipartite", "submodular"])
+def test_export_onnx_runs_in_onnxruntime_equal_to_eager_with_a_dynamic_batch(tmp_path, google_npz, merge_mode):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    npz, out, onnx_path = google_npz(tmp_path / "tiny.npz", depth=1), tmp_path / "out", tmp_path / "model.onnx"
+    argv = ["--npz_path", str(npz), "--output_dir", str(out), "--merge_mode", merge_mode, "--merge_r", "5"]
+    assert converter.main([*argv, "--export_onnx", str(onnx_path)]) == 0
+    model = ConformerForImageClassification.from_pretrained(out).eval()
+    assert model.config.merge_mode == merge_mode
+
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (inputs,), (outputs,) = session.get_inputs(), session.get_outputs()
+    assert (inputs.name, outputs.name) == ("pixel_values", "logits")
+    assert isinstance(inputs.shape[0], str) and inputs.shape[1:] == [3, 32, 32]  # a named, dynamic batch
+    for batch in (1, 4):
+        pixels = random_pixels(32, batch=batch)
+        with torch.no_grad():
+            expected = model(pixels).logits
+        (logits,) = session.run(["logits"], {"pixel_values": pixels.numpy()})
+        assert logits.shape == (batch, CLASSES)
+        assert np.abs(logits - expected.numpy()).max() < TOLERANCE
+
+
+def test_export_onnx_never_replaces_an_existing_file(tmp_path, capsys, plain_npz):
+    (tmp_path / "model.onnx").write_text("mine")
+    argv = ["--npz_path", str(plain_npz), "--output_dir", str(tmp_path / "out"), "--export_onnx"]
+    assert "exists" in run_main_expecting_error(capsys, [*argv, str(tmp_path / "model.onnx")])
+    assert (tmp_path / "model.onnx").read_text() == "mine" and not (tmp_path / "out").exists()
