@@ -1,0 +1,106 @@
+"""A non-editable install is complete: the wheel holds every module the console scripts import and the LICENSE, and
+the installed `conformer-convert` writes a folder and its card from outside the repository."""
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+SCRIPTS = ("conformer-convert", "conformer-train", "conformer-visualize")
+
+
+def local_imports(module_file: Path, local_modules: set[str]) -> set[str]:
+    """The repository's top-level modules that `module_file` imports (anywhere in it, also inside functions)."""
+    names = set()
+    for node in ast.walk(ast.parse(module_file.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names & local_modules
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """(wheel, site): a wheel built from a copy of the repository's top-level files (so the checkout gets no build
+    folders) and installed with `pip install --target`, as a user's non-editable install."""
+    work = tmp_path_factory.mktemp("packaging")
+    source = work / "source"
+    source.mkdir()
+    for path in REPO_DIR.iterdir():
+        if path.is_file():
+            shutil.copy2(path, source / path.name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", str(source), "-w", str(work)], check=True)
+    (wheel,) = work.glob("*.whl")
+    site = work / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True)
+    return wheel, site
+
+
+def run_installed(site: Path, script: str, *args, cwd: Path) -> subprocess.CompletedProcess:
+    """Run an installed console script with the installed modules only: `-S` keeps this environment's editable
+    install of the repository (a `.pth` finder) out, so a module missing from the wheel fails to import."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), sysconfig.get_paths()["purelib"]])}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
+    command = [sys.executable, "-S", str(site / "bin" / script), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_wheel_holds_every_module_the_scripts_import_and_the_license(installed):
+    wheel, _ = installed
+    names = zipfile.ZipFile(wheel).namelist()
+    local_modules = {path.stem for path in REPO_DIR.glob("*.py")}
+    entry_points = next(name for name in names if name.endswith("entry_points.txt"))
+    scripts = dict(
+        line.split(" = ") for line in zipfile.ZipFile(wheel).read(entry_points).decode().splitlines() if " = " in line
+    )
+    assert set(SCRIPTS) <= set(scripts)
+    needed, todo = set(), [value.split(":")[0] for value in scripts.values()]
+    while todo:  # the scripts' modules and what they import, transitively
+        module = todo.pop()
+        if module not in needed:
+            needed.add(module)
+            todo += local_imports(REPO_DIR / f"{module}.py", local_modules)
+    assert {"configuration_conformer", "modeling_conformer", "image_data"} <= needed
+    assert needed <= {name.removesuffix(".py") for name in names if "/" not in name}, "modules missing from the wheel"
+    assert any(name.endswith("licenses/LICENSE") or name.endswith(".dist-info/LICENSE") for name in names)
+
+
+@pytest.mark.slow
+def test_installed_convert_writes_a_folder_and_card_from_outside_the_repository(installed, tmp_path, google_npz):
+    _, site = installed
+    npz = google_npz(tmp_path / "ViT-tiny.npz")
+    result = run_installed(site, "conformer-convert", "--npz_path", str(npz), "--output_dir", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "config.json",
+        "configuration_conformer.py",
+        "model.safetensors",
+        "modeling_conformer.py",
+        "preprocessor_config.json",
+    ]
+    # The remote code it ships is the installed module's.
+    assert (out / "modeling_conformer.py").read_text() == (site / "modeling_conformer.py").read_text()
+    assert json.loads((out / "config.json").read_text())["model_type"] == "conformer"
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---\n") and "license: apache-2.0" in card and "converted from `ViT-tiny.npz`" in card
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["conformer-train", "conformer-visualize"])
+def test_installed_scripts_answer_help(installed, tmp_path, script):
+    result = run_installed(installed[1], script, "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "usage" in result.stdout.lower()
