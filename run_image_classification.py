@@ -8,9 +8,10 @@ machines through `accelerate launch`, in fp32, fp16 or bf16.
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml run_image_classification.py ...
 
 Data flows one way: arguments -> dataset (`image_data`: a Hub dataset or a `save_to_disk` folder, image folders, or
-scikit-learn's bundled digits) -> transforms (the image processor's size, mean and std) -> model (a Conformer or
-transformers ViT folder or Hub id, a Google `.npz` converted on the fly, or a preset from scratch) -> `Trainer` -> the
-saved model with its remote code and image processor, `all_results.json`, a model card and `training_curves.png`.
+scikit-learn's bundled digits) -> transforms (the image processor's size, mean and std) -> model (a folder or Hub id
+of a Conformer or of transformers' ViT family, a Google `.npz` converted on the fly, or a preset from scratch) ->
+`Trainer` -> the saved model with its remote code and image processor, `all_results.json`, a model card and
+`training_curves.png`.
 
 The defaults are the original ViT fine-tuning recipe (SGD with momentum 0.9, lr 3e-2, no weight decay, cosine schedule
 with 500 warmup steps, gradient clipping at 1.0, 10000 steps of 512 images, evaluation every 100 steps); see
@@ -49,7 +50,7 @@ from image_data import (
     collate_fn,
     processor_size,
 )
-from modeling_conformer import ConformerForImageClassification, adapt_state_dict
+from modeling_conformer import SOURCE_CLASSES, ConformerForImageClassification, adapt_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +116,9 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "A Conformer folder or Hub id (e.g. one written by convert_npz_to_hf.py), or a transformers ViT "
-            "folder or Hub id, given token merging through `from_vit`."
+            "help": "A Conformer folder or Hub id (e.g. one written by convert_npz_to_hf.py), or a folder or Hub id of "
+            "transformers' ViT family (ViT, DeiT, DINOv2, CLIP and SigLIP vision, I-JEPA, ViT-MSN), given token "
+            "merging through `ConformerForImageClassification.from_transformers`."
         },
     )
     npz_path: str | None = field(
@@ -304,18 +306,19 @@ def load_checkpoint(model_args: ModelArguments):
     hub_kwargs = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token)
     try:
         config_dict, _ = transformers.PretrainedConfig.get_config_dict(path, **hub_kwargs)
-        model_type = config_dict.get("model_type")
         # Load in float32 whatever the checkpoint's dtype: the Trainer's fp16/bf16 keep float32 master weights.
-        if model_type == "conformer":
+        if config_dict.get("model_type") == "conformer":
             model = ConformerForImageClassification.from_pretrained(path, dtype=torch.float32, **hub_kwargs)
-        elif model_type == "vit":
-            vit = transformers.ViTForImageClassification.from_pretrained(path, dtype=torch.float32, **hub_kwargs)
-            model = ConformerForImageClassification.from_vit(vit)
         else:
-            raise ScriptError(
-                f"--model_name_or_path {path!r} is a {model_type!r} model; a Conformer or a ViT is needed."
-            )
-    except OSError as error:
+            architecture = (config_dict.get("architectures") or [config_dict.get("model_type")])[0]
+            if architecture not in SOURCE_CLASSES:
+                raise ScriptError(
+                    f"--model_name_or_path {path!r} holds a {architecture}; a Conformer or one of "
+                    f"{', '.join(SOURCE_CLASSES)} is needed."
+                )
+            source = getattr(transformers, architecture).from_pretrained(path, dtype=torch.float32, **hub_kwargs)
+            model = ConformerForImageClassification.from_transformers(source)
+    except (OSError, ValueError, TypeError) as error:  # unreadable, or an architecture Conformer cannot represent
         raise ScriptError(f"cannot load model {path!r}: {str(error).strip().splitlines()[0]}") from None
     try:
         processor = AutoImageProcessor.from_pretrained(path, **hub_kwargs)
@@ -362,7 +365,7 @@ def transfer_weights(
     """A model with `config`, holding `source`'s weights through `adapt_state_dict`: position embeddings resampled to
     the new grid, and a zero classifier (no pre-logits layer) when the labels or the head type change, as the ViT paper
     transfers."""
-    if source.config.num_labels != config.num_labels and not ignore_mismatched_sizes:
+    if source.config.num_labels not in (0, config.num_labels) and not ignore_mismatched_sizes:  # 0: no head
         raise ScriptError(
             f"the checkpoint classifies {source.config.num_labels} labels and the dataset has {config.num_labels}; "
             "pass --ignore_mismatched_sizes to train a new head."

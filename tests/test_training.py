@@ -288,6 +288,55 @@ def test_transformers_vit_folder_trains_end_to_end(vit_folder, tmp_path, capsys)
     assert (config["model_type"], len(config["id2label"]), config["merge_mode"]) == ("conformer", 10, "bipartite")
 
 
+# Tiny random members of transformers' ViT family: 32 px images of 16 patches, 2 layers of width 32 with 4 heads.
+FAMILY_SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+
+
+def save_family_model(folder, name: str):
+    """A randomly initialised model of transformers' class `name`, saved to `folder`; returns the model."""
+    import transformers
+
+    config = {
+        "Dinov2WithRegistersModel": lambda: transformers.Dinov2WithRegistersConfig(
+            **FAMILY_SHAPE, mlp_ratio=2, num_register_tokens=2
+        ),
+        "SiglipVisionModel": lambda: transformers.SiglipVisionConfig(**FAMILY_SHAPE, intermediate_size=64),
+        "BertModel": lambda: transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4),
+    }[name]()
+    torch.manual_seed(0)
+    model = getattr(transformers, name)(config)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize(
+    "name, patch_embedding, prefix_tokens",
+    [
+        ("Dinov2WithRegistersModel", "embeddings.patch_embeddings.projection.weight", 3),  # class + 2 registers
+        ("SiglipVisionModel", "embeddings.patch_embedding.weight", 0),  # no class token
+    ],
+)
+def test_vit_family_folder_trains_a_step_with_its_own_weights(tmp_path, name, patch_embedding, prefix_tokens):
+    """A headless backbone gets a new head without --ignore_mismatched_sizes; at learning rate 0 the saved Conformer
+    still holds the source's weights."""
+    source = save_family_model(tmp_path / name, name)
+    output = tmp_path / "out"
+    args = ["--model_name_or_path", tmp_path / name, "--merge_mode", "bipartite", "--merge_r", "2", *QUICK]
+    assert run_main(*args, "--max_steps", "1", "--learning_rate", "0", "--output_dir", output) == 0
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 1
+    model = ConformerForImageClassification.from_pretrained(output)
+    assert (model.config.num_prefix_tokens, model.config.num_labels, model.config.image_size) == (prefix_tokens, 10, 32)
+    torch.testing.assert_close(
+        model.conformer.embeddings.patch_embeddings.projection.weight, source.state_dict()[patch_embedding]
+    )
+
+
+def test_unsupported_model_folder_is_one_line_naming_the_supported_classes(tmp_path, capsys):
+    save_family_model(tmp_path / "bert", "BertModel")
+    err = expect_error(capsys, "--model_name_or_path", tmp_path / "bert", "--output_dir", tmp_path / "out", *QUICK)
+    assert "holds a BertModel" in err and "Dinov2WithRegistersModel" in err and "SiglipVisionModel" in err
+
+
 def test_npz_checkpoint_is_converted_on_the_fly(tmp_path, google_npz):
     try:
         from convert_npz_to_hf import convert_checkpoint
