@@ -67,12 +67,12 @@ def on_frontier(points: list[tuple[float, float]]) -> list[bool]:
 
 def at_equal_speed(rows: list[dict], key_set: str) -> list[float]:
     """Each row's scatter over bipartite's at the same images/s (linear between the two bipartite points around it;
-    NaN outside bipartite's range)."""
+    NaN outside bipartite's range, and for the unmerged model)."""
     reference = sorted((row["images/s"], row[key_set]) for row in rows if row["mode"] in (REFERENCE_MODE, "none"))
     speeds, costs = zip(*reference)
     return [
         row[key_set] / np.interp(row["images/s"], speeds, costs)
-        if speeds[0] <= row["images/s"] <= speeds[-1]
+        if row["mode"] != "none" and speeds[0] <= row["images/s"] <= speeds[-1]
         else float("nan")
         for row in rows
     ]
