@@ -307,7 +307,7 @@ def ward_matching(
 
             # Each joining group's weight and weighted centroid go to the group it ends in.
             target = torch.where(joins, nearest, positions)
-            if round_index >= max_rounds - 1:  # fills may chain
+            if round_index >= max_rounds - 1 and not last_round:  # fills may chain (the last round's do not move)
                 for _ in range(num_tokens.bit_length()):
                     target = target.gather(1, target)
             moved_weight = group_weight * joins

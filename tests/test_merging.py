@@ -12,6 +12,7 @@ from modeling_conformer import (
     ConformerAttention,
     ConformerForImageClassification,
     bipartite_soft_matching,
+    max_merge_r,
     merge_source,
     merge_wavg,
     submodular_matching,
@@ -68,8 +69,10 @@ def test_bipartite_matches_the_papers_algorithm(num_tokens, r):
 
 
 @pytest.mark.parametrize("mode", sorted(MATCHINGS))
-@pytest.mark.parametrize("num_tokens, r", [(17, 0), (17, 3), (16, 7), (197, 13)])
+@pytest.mark.parametrize("num_tokens, r", [(17, 0), (17, 3), (16, 7), (197, 13), (17, 15), (40, 30)])
 def test_merge_invariants(mode, num_tokens, r):
+    if r > max_merge_r(num_tokens, mode):
+        pytest.skip(f"{mode} cannot remove {r} of {num_tokens} tokens")
     torch.manual_seed(r)
     metric, features = torch.randn(4, num_tokens, 16), torch.randn(4, num_tokens, 6)
     merge, unmerge = MATCHINGS[mode](metric, r)
