@@ -1,0 +1,108 @@
+"""The cluttered-digits benchmark: its generator is deterministic, keeps train and test apart (digit images and
+background pixels), puts scikit-learn's digit of the label inside the image, and the script runs end to end."""
+
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import merge_task  # noqa: E402
+
+IMAGE_SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def backgrounds():
+    return merge_task.load_backgrounds()
+
+
+@pytest.fixture(scope="module")
+def splits(backgrounds):
+    return {split: merge_task.cluttered_digits(48, split, IMAGE_SIZE, 3, backgrounds) for split in ("train", "test")}
+
+
+def test_same_arguments_give_the_same_images(backgrounds, splits):
+    again = merge_task.cluttered_digits(48, "train", IMAGE_SIZE, 3, backgrounds)
+    assert torch.equal(again["images"], splits["train"]["images"])
+    assert torch.equal(again["labels"], splits["train"]["labels"])
+    other_seed = merge_task.cluttered_digits(48, "train", IMAGE_SIZE, 4, backgrounds)
+    assert not torch.equal(other_seed["images"], splits["train"]["images"])
+
+
+def test_train_and_test_share_no_digit_image(splits):
+    train_digits = {layout["digit"] for layout in splits["train"]["layouts"]}
+    test_digits = {layout["digit"] for layout in splits["test"]["layouts"]}
+    assert not train_digits & test_digits
+    # the pools cover scikit-learn's 1797 digits exactly once, whatever the seed
+    pools = np.concatenate([merge_task.digit_pool("train"), merge_task.digit_pool("test")])
+    assert sorted(pools.tolist()) == list(range(1797))
+
+
+def test_train_and_test_crops_share_no_background_pixel(backgrounds, splits):
+    for layout in splits["train"]["layouts"]:
+        width = backgrounds[layout["background"]].shape[-1]
+        assert layout["crop"][1] + layout["crop"][2] <= int(width * 0.75)
+    for layout in splits["test"]["layouts"]:
+        height, width = backgrounds[layout["background"]].shape[1:]
+        top, left, side = layout["crop"]
+        assert left >= int(width * 0.75) and left + side <= width and top + side <= height
+
+
+def test_the_digit_of_the_label_lies_inside_its_box(backgrounds, splits):
+    digits = load_digits()
+    for split in splits.values():
+        for image, label, layout in zip(split["images"], split["labels"], split["layouts"]):
+            top, left, side = layout["box"]
+            assert 0 <= top and 0 <= left and top + side <= IMAGE_SIZE and left + side <= IMAGE_SIZE
+            assert label == digits.target[layout["digit"]]
+            background = merge_task.background_crop(backgrounds[layout["background"]], layout["crop"], IMAGE_SIZE)
+            background = background.mul(255).round()
+            change = (image.float() - background).abs().mean(0)  # [size, size]
+            outside = torch.ones_like(change, dtype=torch.bool)
+            outside[top : top + side, left : left + side] = False
+            assert change[outside].max() == 0
+            # what changed inside the box, pooled back to 8x8, follows the digit's own pattern (loosely: the change
+            # is |ink - background| times the digit, and textured backgrounds vary it)
+            assert correlation(change[top : top + side, left : left + side], digits.images[layout["digit"]]) > 0.6
+
+
+def correlation(region: torch.Tensor, digit: np.ndarray) -> float:
+    pooled = F.adaptive_avg_pool2d(region[None], 8)[0]
+    return torch.corrcoef(torch.stack([pooled.flatten(), torch.from_numpy(digit).float().flatten()]))[0, 1].item()
+
+
+def test_pasted_digit_on_a_flat_canvas_is_the_digit_scaled():
+    digit = load_digits().images[7]
+    canvas = torch.full((3, IMAGE_SIZE, IMAGE_SIZE), 0.75)
+    pasted = merge_task.paste_digit(canvas, digit, (10, 20, 24), contrast=1.0, ink=[0.0, 0.1, 0.2])
+    change = (canvas - pasted)[0]  # ink 0 on 0.75: the change is 0.75 times the digit's alpha
+    assert change[:10].abs().max() == 0 and change[34:].abs().max() == 0 and change[:, :20].abs().max() == 0
+    assert change.max() <= 0.75 + 1e-6 and correlation(change[10:34, 20:44], digit) > 0.95
+
+
+def test_smallest_setting_runs_end_to_end(tmp_path):
+    text = merge_task.main(
+        ["--train_images", "32", "--test_images", "16", "--epochs", "1", "--hidden_size", "16", "--layers", "2"]
+        + ["--heads", "2", "--r_values", "2", "8", "--finetune_r", "8", "--timing_batch", "4", "--timing_repeats", "1"]
+        + ["--results_dir", str(tmp_path)]
+    )
+    assert "## Off the shelf" in text and "fine-tuning with merging on" in text
+    with open(tmp_path / "merge_task.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    modes = [mode for mode in merge_task.MODES]
+    # the unmerged model, then each mode at each r; after fine-tuning, the unmerged model and each mode at r=8
+    assert len(rows) == (1 + 2 * len(modes)) + (1 + len(modes))
+    at_r8 = {row["mode"]: row for row in rows if row["r"] == "8"}
+    # 2 layers, 65 tokens: 8 merged in each, for every mode alike
+    assert {row["schedule"] for row in at_r8.values()} == {"8/8"} and at_r8["ward"]["tokens left"] == "49"
+    unmerged = [row for row in rows if row["mode"] == "none"]
+    assert all(float(row["KL"]) == 0 and row["gain at equal speed"] == "0.0" for row in unmerged)
+    assert (tmp_path / "merge_task.png").stat().st_size > 0
