@@ -638,7 +638,7 @@ def eager_attention_forward(
 
 
 class ConformerAttention(nn.Module):
-    """Multi-head self-attention that also returns its keys averaged over heads: the merge metric."""
+    """Multi-head self-attention that also returns its keys: averaged over heads, they are the merge metric."""
 
     def __init__(self, config: ConformerConfig):
         super().__init__()
@@ -679,7 +679,7 @@ class ConformerAttention(nn.Module):
             **kwargs,
         )
         attn_output = self.o_proj(attn_output.reshape(*input_shape, self.num_heads * self.head_dim).contiguous())
-        return attn_output, attn_weights, key.mean(dim=1)  # metric: [batch, tokens, head_dim]
+        return attn_output, attn_weights, key  # key: [batch, heads, tokens, head_dim], the merge metric's source
 
 
 class ConformerMLP(nn.Module):
@@ -763,7 +763,7 @@ class ConformerLayer(GradientCheckpointingLayer):
             attention_bias = token_sizes.log().to(hidden_states.dtype)[:, None, None, :, 0]  # [batch, 1, 1, keys]
 
         residual = hidden_states
-        attn_output, _, metric = self.attention(self.layernorm_before(hidden_states), attention_bias, **kwargs)
+        attn_output, _, key = self.attention(self.layernorm_before(hidden_states), attention_bias, **kwargs)
         if self.attention_scale is not None:
             attn_output = attn_output * self.attention_scale
         hidden_states = residual + self.dropout(attn_output)
@@ -771,6 +771,7 @@ class ConformerLayer(GradientCheckpointingLayer):
         if merge_r > 0:
             # Prefix tokens never merge: the class token is protected inside the matching, the others pass around it.
             config = self.config
+            metric = key.mean(dim=1)  # the keys averaged over heads, as ToMe: [batch, tokens, head_dim]
             num_extra = max(config.num_prefix_tokens - 1, 0)
             metric_seen = torch.cat([metric[:, :1], metric[:, 1 + num_extra :]], dim=1) if num_extra else metric
             sizes_seen = token_sizes
