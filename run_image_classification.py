@@ -570,7 +570,8 @@ def write_model_card(args: TrainingArguments, eval_results: list[dict], base_mod
             )
         )  # fmt: skip
     data = ModelCardData(
-        model_name=name, base_model=_hub_id(base_model), datasets=[dataset] if _hub_id(dataset) else None,
+        model_name=name, base_model=_hub_id(base_model),
+        datasets=[dataset] if dataset != "digits" and _hub_id(dataset) else None,  # digits: scikit-learn's own
         license="apache-2.0", library_name="transformers", pipeline_tag="image-classification",
         tags=["image-classification", "vision", "conformer", "token-merging"], eval_results=results or None,
     )  # fmt: skip
