@@ -578,7 +578,7 @@ def test_from_transformers_and_npz_path_exclude_each_other(tmp_path, capsys, pla
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("merge_mode", ["bipartite", "submodular"])
+@pytest.mark.parametrize("merge_mode", ["submodular"])  # tests/test_export.py covers every mode through export_onnx
 def test_export_onnx_runs_in_onnxruntime_equal_to_eager_with_a_dynamic_batch(tmp_path, google_npz, merge_mode):
     onnxruntime = pytest.importorskip("onnxruntime")
     npz, out, onnx_path = google_npz(tmp_path / "tiny.npz", depth=1), tmp_path / "out", tmp_path / "model.onnx"

@@ -6,9 +6,9 @@ reads the shared artefacts."""
 
 import pytest
 import torch
-from torch import nn
 
 from configuration_conformer import ConformerConfig
+from convert_npz_to_hf import export_onnx
 from modeling_conformer import MATCHING_FUNCTIONS, ConformerForImageClassification
 
 onnx = pytest.importorskip("onnx")
@@ -29,52 +29,15 @@ TINY = dict(
 ATOL = 1e-4
 
 
-class _Logits(nn.Module):
-    """`pixel_values -> logits`, the signature that exporters and runtimes expect."""
-
-    def __init__(self, model: ConformerForImageClassification, interpolate_pos_encoding: bool):
-        super().__init__()
-        self.model = model
-        self.interpolate_pos_encoding = interpolate_pos_encoding
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values, interpolate_pos_encoding=self.interpolate_pos_encoding).logits
-
-
-def export_onnx(model: ConformerForImageClassification, path, image_size: int | None = None, opset_version: int = 18):
-    """Write `model` as an ONNX file: input `pixel_values` [batch, channels, image_size, image_size] with a dynamic
-    batch dimension, output `logits` [batch, num_labels]. Merging is part of the graph (every `merge_mode`).
-    `image_size` other than the config's exports with interpolated position embeddings. Puts the model in eval mode.
-    Returns the `torch.export.ExportedProgram` that was converted (run it with `.module()`)."""
-    config = model.config
-    image_size = image_size or config.image_size
-    model.eval()
-    example = torch.zeros(2, config.num_channels, image_size, image_size, dtype=model.dtype)
-    program = torch.export.export(
-        _Logits(model, interpolate_pos_encoding=image_size != config.image_size),
-        (example,),
-        dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}},
-    )
-    torch.onnx.export(
-        program,
-        (example,),
-        str(path),
-        input_names=["pixel_values"],
-        output_names=["logits"],
-        opset_version=opset_version,
-        dynamo=True,
-        verbose=False,
-    )
-    return program
-
-
 @pytest.fixture(scope="module", params=sorted(MATCHING_FUNCTIONS))
 def exported(request, tmp_path_factory):
     """One model per merge mode, exported once: (model, its ExportedProgram, the ONNX file's path)."""
     torch.manual_seed(0)
     model = ConformerForImageClassification(ConformerConfig(**TINY, merge_mode=request.param)).eval()
     path = tmp_path_factory.mktemp(request.param) / "model.onnx"
-    program = export_onnx(model, path)
+    export_onnx(model, path)  # the users' export path (`convert_npz_to_hf.py --export_onnx`), checked there too
+    example = torch.zeros(2, 3, 40, 40)
+    program = torch.export.export(model, (example,), dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}})
     return model, program, path
 
 
@@ -106,7 +69,7 @@ def test_torch_export_equals_eager_for_any_batch(exported):
     for batch in (3, 5):
         pixel_values = torch.randn(batch, 3, 40, 40)
         with torch.no_grad():
-            logits = program.module()(pixel_values)
+            logits = program.module()(pixel_values).logits
         assert torch.allclose(logits, eager_logits(model, pixel_values), atol=ATOL)
 
 
