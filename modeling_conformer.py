@@ -198,9 +198,10 @@ def submodular_matching(
             loss = torch.zeros_like(weight).scatter_add_(1, representative, weight * (best - second))
             candidate = kept & removable
             loss = loss.masked_fill(~candidate, math.inf)
-            # Cheapest first. Two tokens that are each other's second choice tie exactly: break ties by position
-            # (a stable sort, which ONNX cannot export), so that every runtime keeps the same token.
-            order = (loss.double() + positions * 1e-12).argsort(dim=-1)
+            # Cheapest first. Float32 cosines near 1 make exact ties common: break them by position, so that every
+            # runtime keeps the same tokens (ONNX has no stable sort). Later tokens go first: earliest-first measured
+            # 0.46 accuracy against 0.73 in the digits end-to-end training test (tests/test_training.py).
+            order = (loss.double() - positions * 1e-12).argsort(dim=-1)
             rank = torch.empty_like(order).scatter_(1, order, positions.expand(batch, -1))
             in_pool = candidate & (rank < (2 * still_to_remove))
             joins = torch.where(representative == positions, second_choice, representative)  # where i would go
