@@ -1222,11 +1222,13 @@ def _load_source(model_or_path, attn_implementation: str | None):
 def _source_architecture(source: nn.Module) -> dict:
     """The Conformer config fields that describe the source's architecture."""
     config, model_type = source.config, source.config.model_type
+    # DINOv2 sizes its MLP by mlp_ratio (a stray intermediate_size in its config is ignored there too)
+    mlp_width = int(config.hidden_size * config.mlp_ratio) if hasattr(config, "mlp_ratio") else config.intermediate_size
     fields = dict(
         hidden_size=config.hidden_size,
         num_hidden_layers=config.num_hidden_layers,
         num_attention_heads=config.num_attention_heads,
-        intermediate_size=getattr(config, "intermediate_size", None) or int(config.hidden_size * config.mlp_ratio),
+        intermediate_size=mlp_width,
         hidden_act=config.hidden_act,
         hidden_dropout_prob=getattr(config, "hidden_dropout_prob", 0.0),
         attention_probs_dropout_prob=getattr(config, "attention_probs_dropout_prob", None)
