@@ -167,7 +167,7 @@ def submodular_matching(
     two near-duplicates (each cheap because the other covers it) from leaving together, and a token from leaving with
     its destination. Rounds repeat, with the losses recomputed, until r tokens are gone; the last allowed round fills up
     with the cheapest remaining candidates so that exactly r go. Two rounds (the default) leave as little scatter as
-    three on clustered keys (r = 8-48, three seeds), at two thirds of the cost.
+    three on clustered keys (r = 8-48, three seeds), one round cheaper.
     """
     batch, num_tokens, _ = metric.shape
     _check_merge_r(r, num_tokens, "submodular", protect_cls)
