@@ -99,9 +99,7 @@ def test_merging_off_gives_what_the_source_gives(name):
 
 
 @pytest.mark.parametrize("merge_mode", [mode for mode in MERGE_MODES if mode != "none"])
-@pytest.mark.parametrize(
-    "name", ["DeiTForImageClassificationWithTeacher", "Dinov2WithRegistersForImageClassification", "SiglipVisionModel"]
-)
+@pytest.mark.parametrize("name", list(SOURCES))
 def test_prefix_tokens_neither_merge_nor_absorb(name, merge_mode):
     model = ConformerForImageClassification.from_transformers(build_source(name), merge_mode=merge_mode, merge_r=3)
     with torch.no_grad():
@@ -128,7 +126,7 @@ def test_attention_pooling_gets_proportional_attention():
         assert not torch.allclose(head(tokens), head(expanded), atol=1e-3)
 
 
-@pytest.mark.parametrize("name", ["DeiTForImageClassificationWithTeacher", "Dinov2ForImageClassification", "CLIPModel"])
+@pytest.mark.parametrize("name", list(SOURCES))
 def test_one_training_step_with_merging_and_the_cnn_head(name):
     model = ConformerForImageClassification.from_transformers(
         build_source(name), num_labels=4, merge_mode="submodular", merge_r=2, classifier="cnn"
@@ -182,7 +180,7 @@ def test_saved_conformers_reload_through_auto_classes_in_a_fresh_process(tmp_pat
     images = pixels()
     torch.save(images, tmp_path / "pixels.pt")
     folders, expected = {}, {}
-    for name in ["DeiTForImageClassificationWithTeacher", "Dinov2WithRegistersModel", "SiglipVisionModel", "CLIPModel"]:
+    for name in SOURCES:
         source = build_source(name)
         has_head = "ForImageClassification" in name
         model = (ConformerForImageClassification if has_head else ConformerModel).from_transformers(source)
