@@ -17,12 +17,12 @@ import sys
 import time
 
 import torch
+import transformers
 from common import (
     MODES,
     RESULTS_DIR,
     environment_line,
     flop_ratio,
-    schedule_for,
     set_up_cpu,
     synchronize,
     time_models,
@@ -31,14 +31,41 @@ from common import (
 from transformers import ViTConfig, ViTForImageClassification, set_seed
 
 from configuration_conformer import PRESETS, ConformerConfig
-from modeling_conformer import ConformerForImageClassification
+from modeling_conformer import ConformerForImageClassification, merge_schedule
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REFERENCES = ("timm ViT", "transformers ViT")
+# `--source`: a transformers class of the ViT family to time beside the Conformer converted from it, and its prefix
+# tokens (class, distillation).
+FAMILY_SOURCES = {
+    "deit": ("DeiTConfig", "DeiTForImageClassification", 2),
+    "dinov2": ("Dinov2Config", "Dinov2ForImageClassification", 1),
+}
 
 
-def build_model(name: str, config: ConformerConfig, mode: str, schedule: list[int]):
-    """A model of `config`'s shape with random weights: a reference, or a Conformer merging `schedule` with `mode`."""
+def family_source(source: str, config: ConformerConfig):
+    """The transformers model of `source` in `config`'s shape, random weights."""
+    config_class, model_class, _ = FAMILY_SOURCES[source]
+    shape = dict(hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers)
+    shape |= dict(num_attention_heads=config.num_attention_heads, image_size=config.image_size)
+    shape |= dict(patch_size=config.patch_size, num_labels=config.num_labels, layer_norm_eps=config.layer_norm_eps)
+    if source == "dinov2":
+        shape["mlp_ratio"] = config.intermediate_size // config.hidden_size  # an int in Dinov2Config
+    else:
+        shape["intermediate_size"] = config.intermediate_size
+    source_config = getattr(transformers, config_class)(**shape)
+    return getattr(transformers, model_class)._from_config(source_config, attn_implementation="sdpa")
+
+
+def build_model(name: str, config: ConformerConfig, mode: str, schedule: list[int], source: str = "vit"):
+    """A model of `config`'s shape with random weights: a reference, or a Conformer merging `schedule` with `mode`
+    (with `source`, the reference is that transformers class and the Conformer is converted from it)."""
+    if source != "vit":
+        model = family_source(source, config)
+        if name.startswith("transformers"):
+            return model
+        merging = dict(merge_mode=mode, merge_r=list(schedule))
+        return ConformerForImageClassification.from_transformers(model, attn_implementation="sdpa", **merging)
     if name == "timm ViT":
         from timm.models.vision_transformer import VisionTransformer
 
@@ -111,16 +138,20 @@ def host_sync_check(module, pixel_values) -> str:
 def build_entries(args, config: ConformerConfig) -> list[dict]:
     """Every timed model as a dict: its description and its module, in every dtype, eager and (`--compile`) compiled."""
     layers = config.num_hidden_layers
-    kinds = [] if args.skip_references else [(name, "-", 0) for name in REFERENCES]
+    prefix = FAMILY_SOURCES[args.source][2] if args.source != "vit" else 1
+    references = [f"transformers {FAMILY_SOURCES[args.source][1]}"] if args.source != "vit" else REFERENCES
+    kinds = [] if args.skip_references else [(name, "-", 0) for name in references]
     kinds += [("Conformer", "none", 0)] + [("Conformer", mode, r) for mode in args.modes for r in args.r_values]
     entries = []
     for dtype in args.dtypes:
         pixel_values = args.inputs[dtype]
         for name, mode, r in kinds:
-            schedule = schedule_for(r, 1 + config.num_patches, layers)
+            tokens = prefix + config.num_patches
+            schedule = merge_schedule(r, tokens, layers, modes=MODES, num_prefix_tokens=prefix)
             set_seed(args.seed)
-            module = build_model(name, config, mode, schedule).to(args.device, DTYPES[dtype]).eval()
+            module = build_model(name, config, mode, schedule, args.source).to(args.device, DTYPES[dtype]).eval()
             entry = dict(model=name, mode=mode, r=r, schedule=schedule, dtype=dtype, run="eager", compiled=False)
+            entry["tokens"] = tokens
             entry["module"] = module
             entry |= {"peak MiB": peak_memory_mib(module, pixel_values), "compile s": float("nan")}
             entries.append(entry)
@@ -146,8 +177,8 @@ def make_rows(entries: list[dict], config: ConformerConfig) -> list[dict]:
     baseline = {(e["dtype"], e["compiled"]): e["images/s"] for e in entries if e["mode"] == "none"}
     rows = []
     for entry in entries:
-        row = {key: value for key, value in entry.items() if key not in ("module", "schedule", "compiled")}
-        row["tokens left"] = 1 + config.num_patches - sum(entry["schedule"])
+        row = {key: value for key, value in entry.items() if key not in ("module", "schedule", "compiled", "tokens")}
+        row["tokens left"] = entry["tokens"] - sum(entry["schedule"])
         row["speed-up"] = entry["images/s"] / baseline[entry["dtype"], entry["compiled"]]
         row["FLOP ratio"] = flop_ratio(config, entry["schedule"])
         row["of limit"] = row["speed-up"] / row["FLOP ratio"]
@@ -222,6 +253,12 @@ def parse_args(argv=None):
     plain_presets = [name for name, shape in PRESETS.items() if not shape.get("backbone_depths")]
     parser.add_argument("--preset", default="ViT-S_16", choices=plain_presets, help="model shape (plain ViT presets)")
     parser.add_argument("--layers", type=int, default=None, help="override the preset's depth (for quick checks)")
+    parser.add_argument(
+        "--source",
+        default="vit",
+        choices=["vit", *FAMILY_SOURCES],
+        help="time that transformers class in the preset's shape beside the Conformer converted from it",
+    )
     parser.add_argument("--image_size", type=int, default=224, help="input resolution in pixels (square)")
     parser.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--dtypes", nargs="+", default=["fp32"], choices=list(DTYPES), help="weights/inputs dtypes")
@@ -250,7 +287,9 @@ def parse_args(argv=None):
     if args.image_size % PRESETS[args.preset]["patch_size"]:
         parser.error(f"--image_size {args.image_size} is not a multiple of {args.preset}'s patch size")
     dtypes = "_".join(args.dtypes)
-    args.name = args.name or f"throughput_{args.preset}_{args.image_size}px_b{args.batch_size}_{dtypes}_{args.device}"
+    family = f"_{args.source}" if args.source != "vit" else ""
+    stem = f"throughput_{args.preset}{family}_{args.image_size}px_b{args.batch_size}_{dtypes}_{args.device}"
+    args.name = args.name or stem
     return args
 
 
