@@ -13,7 +13,6 @@ photograph's left three quarters for training, the rest for testing). Writes `re
 """
 
 import argparse
-import copy
 import csv
 import math
 import statistics
@@ -31,6 +30,10 @@ if str(ROOT) not in sys.path:
 
 from configuration_conformer import MERGE_MODES, ConformerConfig  # noqa: E402
 from modeling_conformer import ConformerForImageClassification, merge_schedule  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import train as common_train  # noqa: E402
+from common import with_merging  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 MODES = tuple(mode for mode in MERGE_MODES if mode != "none")
@@ -167,39 +170,12 @@ def task_config(hidden_size: int, num_layers: int, num_heads: int, image_size: i
     )
 
 
-def train(model, images, labels, epochs: int, lr: float, seed: int, batch_size: int = 32):
-    """AdamW (weight decay 0.05), 5% linear warm-up then cosine decay to 0; the same batches for the same seed."""
-    from transformers import get_cosine_schedule_with_warmup
-
-    model.train()
-    generator = torch.Generator().manual_seed(seed)
-    total_steps = epochs * math.ceil(len(labels) / batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, total_steps // 20), total_steps)
-    for epoch in range(epochs):
-        order, total_loss = torch.randperm(len(labels), generator=generator), 0.0
-        for start in range(0, len(labels), batch_size):
-            batch = order[start : start + batch_size]
-            loss = model(to_pixel_values(images[batch]), labels=labels[batch]).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total_loss += loss.item() * len(batch)
-        print(f"    epoch {epoch + 1}/{epochs}: loss {total_loss / len(labels):.4f}", flush=True)
-    return model.eval()
+def train(model, images, labels, epochs: int, lr: float, seed: int):
+    """`common.train` (AdamW, warm-up then cosine) on the images as pixel values, without its random shifts: the digit
+    already sits at a random place."""
+    return common_train(model, to_pixel_values(images), labels, epochs, lr, seed, max_shift=0)
 
 
-def with_merging(model, mode: str, schedule: list[int]):
-    """A copy of `model` (same weights) that merges `schedule[layer]` tokens per layer with `mode`."""
-    config = copy.deepcopy(model.config)
-    config.merge_mode, config.merge_r = mode, list(schedule)
-    merged = ConformerForImageClassification(config)
-    merged.load_state_dict(model.state_dict())
-    return merged.eval()
-
-
-@torch.inference_mode()
 def predict(model, images, batch_size: int = 250) -> torch.Tensor:
     model.eval()
     return torch.cat(
