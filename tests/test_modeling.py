@@ -281,7 +281,8 @@ def test_lora_with_gradient_checkpointing_trains_every_adapter(use_reentrant):
 
     def lora_b_with_gradient(model):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
-        peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        peft_model = get_peft_model(model, lora)
         peft_model.train()
         peft_model(pixel_values=torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 1])).loss.backward()
         grads = [p.grad for n, p in peft_model.named_parameters() if "lora_B" in n]
