@@ -451,7 +451,7 @@ def adapt_state_dict(state_dict: dict, model: nn.Module, mode: str = "bilinear")
         adapted = {key: value for key, value in adapted.items() if not is_head(key)}
         for key, value in target.items():
             if is_head(key):
-                fresh = key.startswith("classifier.") and value.is_floating_point()
+                fresh = key.startswith(("classifier.", "distillation_classifier.")) and value.is_floating_point()
                 adapted[key] = torch.zeros_like(value) if fresh else value
 
     missing = [key for key in target if key not in adapted]

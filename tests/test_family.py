@@ -143,6 +143,15 @@ def test_one_training_step_with_merging_and_the_cnn_head(name):
     assert "cnn_head.layers.0.weight" in changed and any(".layers.0.attention.q_proj" in n for n in changed)
 
 
+def test_new_labels_give_both_teacher_heads_a_zero_start():
+    # The ViT paper's transfer recipe: uniform predictions at the first step, so neither of DeiT's heads keeps weights.
+    model = ConformerForImageClassification.from_transformers(
+        build_source("DeiTForImageClassificationWithTeacher"), num_labels=5
+    )
+    with torch.no_grad():
+        assert torch.equal(model(pixels()).logits, torch.zeros(2, 5))
+
+
 def test_unsupported_models_get_an_error_naming_the_supported_ones(tmp_path):
     bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64))
     with pytest.raises(TypeError, match="BertModel.*Dinov2Model"):
