@@ -896,10 +896,12 @@ def prefix_token_names(config: ConformerConfig) -> list[str]:
     return names + [f"{registers} register token{'s' * (registers > 1)}"] * bool(registers)
 
 
-def _hub_id(name: str) -> str | None:
-    """`name` when it has the form of a Hub repository id (`org/model`), the card's `base_model`; else None."""
+def hub_id(name: str | None) -> str | None:
+    """`name` when it has the form of a Hub repository id (`org/model`): a card's `base_model`; else None."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    if not name:
+        return None
     try:
         validate_repo_id(name)
     except HFValidationError:
@@ -918,7 +920,7 @@ def _card_data(config: ConformerConfig, facts: CardFacts, merging: dict, name: s
             library_name="transformers",
             pipeline_tag="image-classification",
             tags=tags,
-            base_model=_hub_id(facts.source_file),
+            base_model=hub_id(facts.source_file),
             token_merging=merging,
         )
     # Google released these shapes pre-trained on ImageNet-21k; for other shapes only the class count speaks.

@@ -40,7 +40,7 @@ from transformers.training_args import OptimizerNames
 
 import image_data
 from configuration_conformer import CLASSIFIERS, MERGE_MODES, PRESETS, ConformerConfig
-from convert_npz_to_hf import convert_checkpoint, image_processor, parse_merge_r
+from convert_npz_to_hf import convert_checkpoint, hub_id, image_processor, parse_merge_r
 from image_data import (
     IMAGE_COLUMN_NAMES,
     LABEL_COLUMN_NAMES,
@@ -540,19 +540,6 @@ class ConformerTrainer(Trainer):
             write_model_card(self.args, eval_results=self.state.log_history, **self.card_facts)
 
 
-def _hub_id(name: str | None) -> str | None:
-    """`name` when it can be a Hub repository id (not a local path), else None."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if not name or os.path.exists(name):
-        return None
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return None
-    return name
-
-
 def write_model_card(args: TrainingArguments, eval_results: list[dict], base_model: str | None, dataset: str, config):
     """README.md with the Hub's metadata (`base_model`, `datasets`, a `model-index` with the evaluation accuracy) and
     a short text saying what was trained from what, on what, and how to load it."""
@@ -569,9 +556,13 @@ def write_model_card(args: TrainingArguments, eval_results: list[dict], base_mod
                 metric_value=round(evaluation["eval_accuracy"], 4),
             )
         )  # fmt: skip
+
+    def hub_id_of(source):  # a local folder is not on the Hub even when its path looks like `org/name`
+        return None if source is None or os.path.exists(source) else hub_id(source)
+
     data = ModelCardData(
-        model_name=name, base_model=_hub_id(base_model),
-        datasets=[dataset] if dataset != "digits" and _hub_id(dataset) else None,  # digits: scikit-learn's own
+        model_name=name, base_model=hub_id_of(base_model),
+        datasets=[dataset] if dataset != "digits" and hub_id_of(dataset) else None,  # digits: scikit-learn's own
         license="apache-2.0", library_name="transformers", pipeline_tag="image-classification",
         tags=["image-classification", "vision", "conformer", "token-merging"], eval_results=results or None,
     )  # fmt: skip
