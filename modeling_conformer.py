@@ -709,25 +709,25 @@ class ConformerSwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
 
 
+def _without_extra(x: torch.Tensor, num_extra: int) -> torch.Tensor:
+    """`x` [batch, tokens, ...] without the `num_extra` tokens after the first (distillation, registers)."""
+    return torch.cat([x[:, :1], x[:, 1 + num_extra :]], dim=1) if num_extra else x
+
+
 def _protect_prefix(merge: Callable, unmerge: Callable, num_extra: int):
     """Wrap a matching's closures so that the `num_extra` tokens after the first (distillation, registers) pass
     through untouched and stay in place: the matching itself sees the first token (protected there) and the patches."""
     if num_extra == 0:
         return merge, unmerge
 
-    def without_extra(x):
-        return torch.cat([x[:, :1], x[:, 1 + num_extra :]], dim=1), x[:, 1 : 1 + num_extra]
-
-    def with_extra(x, extra):
-        return torch.cat([x[:, :1], extra, x[:, 1:]], dim=1)
+    def with_extra(rest, x):  # `rest` with `x`'s extra tokens put back after its first
+        return torch.cat([rest[:, :1], x[:, 1 : 1 + num_extra], rest[:, 1:]], dim=1)
 
     def protected_merge(x, mode="mean"):
-        rest, extra = without_extra(x)
-        return with_extra(merge(rest, mode=mode), extra)
+        return with_extra(merge(_without_extra(x, num_extra), mode=mode), x)
 
     def protected_unmerge(x):
-        rest, extra = without_extra(x)
-        return with_extra(unmerge(rest), extra)
+        return with_extra(unmerge(_without_extra(x, num_extra)), x)
 
     return protected_merge, protected_unmerge
 
@@ -775,11 +775,10 @@ class ConformerLayer(GradientCheckpointingLayer):
             config = self.config
             metric = key.mean(dim=1)  # the keys averaged over heads, as ToMe: [batch, tokens, head_dim]
             num_extra = max(config.num_prefix_tokens - 1, 0)
-            metric_seen = torch.cat([metric[:, :1], metric[:, 1 + num_extra :]], dim=1) if num_extra else metric
-            sizes_seen = token_sizes
-            if num_extra and token_sizes is not None:
-                sizes_seen = torch.cat([token_sizes[:, :1], token_sizes[:, 1 + num_extra :]], dim=1)
-            merge, unmerge = MATCHING_FUNCTIONS[config.merge_mode](metric_seen, merge_r, sizes_seen, config.class_token)
+            sizes_seen = _without_extra(token_sizes, num_extra) if token_sizes is not None else None
+            merge, unmerge = MATCHING_FUNCTIONS[config.merge_mode](
+                _without_extra(metric, num_extra), merge_r, sizes_seen, config.class_token
+            )
             merge, unmerge = _protect_prefix(merge, unmerge, num_extra)
             hidden_states, token_sizes = merge_wavg(merge, hidden_states, token_sizes)
             if source_map is not None:
