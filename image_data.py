@@ -120,14 +120,6 @@ def build_transforms(
     return train_transform, eval_transform
 
 
-def processor_size(image_processor) -> tuple[int, int]:
-    """(height, width) from a `ViTImageProcessor`'s `size` (`{"height", "width"}` or `{"shortest_edge"}`)."""
-    size = image_processor.size
-    if "height" in size:
-        return size["height"], size["width"]
-    return size["shortest_edge"], size["shortest_edge"]
-
-
 class TransformedDataset(torch.utils.data.Dataset):
     """A split of `{"image", "label"}` examples as `{"pixel_values", "labels"}`, each image decoded by
     `load_rgb_image` and transformed under its own random seed, drawn from (`seed`, epoch, example index).
@@ -303,6 +295,11 @@ def prepare_splits(
     )
     _check_no_missing_values(dataset, {"image": "image", "label": "label"})
     dataset = _encode_labels(dataset)
+    labels = next(iter(dataset.values())).features["label"].names
+    if len(labels) < 2:
+        raise DataError(
+            f"the dataset has {len(labels)} class(es) ({', '.join(labels)}); classification needs two or more."
+        )
     if "validation" not in dataset and "train" in dataset and train_val_split > 0:
         # The same seed in every process, so that a distributed run agrees on the split.
         split = dataset["train"].train_test_split(test_size=train_val_split, seed=seed, stratify_by_column="label")
@@ -318,11 +315,14 @@ def load_image_dataset(
     image_column: str | None = None,
     label_column: str | None = None,
     train_val_split: float = 0.15,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
     seed: int = 0,
     cache_dir: str | None = None,
     token: str | None = None,
 ) -> DatasetDict:
-    """Image folders, the digits (`dataset_name` None or `"digits"`) or a named dataset, through `prepare_splits`."""
+    """Image folders, the digits (`dataset_name` None or `"digits"`) or a named dataset, through `prepare_splits`;
+    `max_train_samples` and `max_eval_samples` keep a fixed random subset (drawn with `seed`) of a split."""
     if train_dir is not None or validation_dir is not None:
         if dataset_name is not None:
             raise DataError("give either --dataset_name or --train_dir/--validation_dir, not both.")
@@ -331,7 +331,11 @@ def load_image_dataset(
         dataset = load_digits_dataset()
     else:
         dataset = load_named_dataset(dataset_name, dataset_config_name, cache_dir, token)
-    return prepare_splits(dataset, image_column, label_column, train_val_split, seed)
+    dataset = prepare_splits(dataset, image_column, label_column, train_val_split, seed)
+    for split, limit in (("train", max_train_samples), ("validation", max_eval_samples)):
+        if split in dataset and limit is not None and limit < len(dataset[split]):
+            dataset[split] = dataset[split].shuffle(seed=seed).select(range(limit))
+    return dataset
 
 
 def digits_tensors(image_size: int, mean=IMAGENET_STANDARD_MEAN, std=IMAGENET_STANDARD_STD):

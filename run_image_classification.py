@@ -35,10 +35,15 @@ from accelerate import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
 from safetensors import safe_open
 from transformers import AutoImageProcessor, HfArgumentParser, Trainer, TrainingArguments, ViTImageProcessor
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, SchedulerType, set_seed
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    IntervalStrategy,
+    SchedulerType,
+    set_seed,
+    sort_checkpoints,
+)
 from transformers.training_args import OptimizerNames
 
-import image_data
 from configuration_conformer import CLASSIFIERS, MERGE_MODES, PRESETS, ConformerConfig
 from convert_npz_to_hf import convert_checkpoint, hub_id, image_processor, parse_merge_r
 from image_data import (
@@ -48,7 +53,7 @@ from image_data import (
     TransformedDataset,
     build_transforms,
     collate_fn,
-    processor_size,
+    load_image_dataset,
 )
 from modeling_conformer import SOURCE_CLASSES, ConformerForImageClassification, adapt_state_dict
 
@@ -107,6 +112,11 @@ class DataTrainingArguments:
             "recipe. Default: on, except for digits (only upsampled: a flipped digit is another glyph)."
         },
     )
+
+    def __post_init__(self):
+        if self.augment is None:
+            digits = self.dataset_name in (None, "digits") and self.train_dir is None and self.validation_dir is None
+            self.augment = not digits
 
 
 @dataclass
@@ -170,6 +180,10 @@ class ModelArguments:
     model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit) of the model."})
     token: str | None = field(default=None, metadata={"help": "Hub token for private models and datasets."})
 
+    def __post_init__(self):
+        if sum(source is not None for source in (self.model_name_or_path, self.npz_path, self.model_type)) > 1:
+            raise ValueError("give one of --model_name_or_path, --npz_path or --model_type.")
+
 
 def _recipe(name: str, default):
     """A `TrainingArguments` field with the recipe's default, keeping transformers' help text."""
@@ -227,7 +241,7 @@ class ConformerTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
-        if self.output_dir is None:
+        if self.output_dir is None:  # TrainingArguments would write to ./trainer_output
             raise ValueError("--output_dir is required: the folder for checkpoints, the final model and results.")
         if not self.learning_rate >= 0:  # also NaN, for which every comparison is False
             raise ValueError(f"--learning_rate must be a number >= 0, got {self.learning_rate}.")
@@ -240,8 +254,10 @@ class ConformerTrainingArguments(TrainingArguments):
             self.eval_strategy = "no"
         if self.optim_args is None and self.optim == "sgd":
             self.optim_args = "momentum=0.9"
-        if self.gradient_accumulation_steps is None:
-            processes = _launched_processes(self.use_cpu)
+        if self.gradient_accumulation_steps is None:  # before super(): a --deepspeed config reads it there
+            processes = int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's, or the GPUs DataParallel would use
+            if processes == 1 and not self.use_cpu and torch.cuda.is_available():
+                processes = max(1, torch.cuda.device_count())
             micro_batch = self.per_device_train_batch_size * processes
             if self.total_batch_size < micro_batch or self.total_batch_size % micro_batch:
                 raise ValueError(
@@ -253,21 +269,13 @@ class ConformerTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
-def _launched_processes(use_cpu: bool) -> int:
-    """Processes that share one optimizer step: the launcher's WORLD_SIZE, or the GPUs `DataParallel` would use."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1 and not use_cpu and torch.cuda.is_available():
-        return max(1, torch.cuda.device_count())
-    return world_size
-
-
 def parse_arguments(args: list[str]) -> tuple[ModelArguments, DataTrainingArguments, ConformerTrainingArguments]:
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, ConformerTrainingArguments))
     try:
         if len(args) == 1 and args[0].endswith(".json"):
             return parser.parse_json_file(json_file=os.path.abspath(args[0]))
         return parser.parse_args_into_dataclasses(args=args)
-    except (ValueError, OSError) as error:  # TrainingArguments and ours validate in __post_init__
+    except (ValueError, OSError) as error:  # the dataclasses validate in __post_init__
         raise ScriptError(str(error).strip().splitlines()[0]) from error
 
 
@@ -330,7 +338,7 @@ def load_checkpoint(model_args: ModelArguments):
 
 def build_config(base: ConformerConfig | None, model_args: ModelArguments, labels: list[str]) -> ConformerConfig:
     """The training model's config: the checkpoint's (or a preset's), the dataset's labels, the flags, then
-    --config_overrides."""
+    --config_overrides. A checkpoint's head is replaced only with --ignore_mismatched_sizes, its patch size kept."""
     changes = {
         "image_size": model_args.image_size,
         "patch_size": model_args.patch_size,
@@ -343,7 +351,7 @@ def build_config(base: ConformerConfig | None, model_args: ModelArguments, label
         num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}
     )
     try:
-        if changes.get("merge_r") is not None:
+        if "merge_r" in changes:
             changes["merge_r"] = parse_merge_r(changes["merge_r"])
         config = copy.deepcopy(base or ConformerConfig.from_preset(model_args.model_type or "ViT-B_16"))
         for key, value in changes.items():  # all set before any check: a new depth and its schedule go together
@@ -351,61 +359,47 @@ def build_config(base: ConformerConfig | None, model_args: ModelArguments, label
         if model_args.config_overrides:
             config.update_from_string(model_args.config_overrides)
         config.validate_architecture()
-        return config
     except (ValueError, TypeError) as error:
         reason = str(error).strip().splitlines()[0]
         raise ScriptError(
             f"--config_overrides {model_args.config_overrides!r}: {reason}" if "key" in reason else reason
         ) from None
-
-
-def transfer_weights(
-    source: ConformerForImageClassification, config: ConformerConfig, ignore_mismatched_sizes: bool
-) -> ConformerForImageClassification:
-    """A model with `config`, holding `source`'s weights through `adapt_state_dict`: position embeddings resampled to
-    the new grid, and a zero classifier (no pre-logits layer) when the labels or the head type change, as the ViT paper
-    transfers."""
-    if source.config.num_labels not in (0, config.num_labels) and not ignore_mismatched_sizes:  # 0: no head
+    if base is None:
+        return config
+    if base.num_labels not in (0, config.num_labels) and not model_args.ignore_mismatched_sizes:  # 0: no head
         raise ScriptError(
-            f"the checkpoint classifies {source.config.num_labels} labels and the dataset has {config.num_labels}; "
+            f"the checkpoint classifies {base.num_labels} labels and the dataset has {config.num_labels}; "
             "pass --ignore_mismatched_sizes to train a new head."
         )
-    if config.patch_size != source.config.patch_size:
+    if config.patch_size != base.patch_size:
         raise ScriptError(
-            f"--patch_size {config.patch_size} differs from the checkpoint's {source.config.patch_size}; "
+            f"--patch_size {config.patch_size} differs from the checkpoint's {base.patch_size}; "
             "a pretrained patch embedding cannot change its patch size."
         )
-    if source.config.num_labels != config.num_labels or source.config.classifier != config.classifier:
+    if base.num_labels != config.num_labels or base.classifier != config.classifier:
         config.representation_size = None  # a new head starts without the pre-logits layer
-    try:
-        model = ConformerForImageClassification(config)
-        model.load_state_dict(adapt_state_dict(source.state_dict(), model), strict=True)
-    except ValueError as error:  # weights that do not fit, or a merge schedule the new resolution cannot run
-        raise ScriptError(str(error)) from None
-    return model
+    return config
 
 
 def build_model(model_args: ModelArguments, labels: list[str]):
-    """The model to train and its image processor, sized to the model's resolution."""
-    sources = [model_args.model_name_or_path, model_args.npz_path, model_args.model_type]
-    if sum(source is not None for source in sources) > 1:
-        raise ScriptError("give one of --model_name_or_path, --npz_path or --model_type.")
+    """The model to train and its image processor, sized to the model's resolution. A checkpoint's weights go in
+    through `adapt_state_dict`: position embeddings resampled to the new grid, and a zero classifier when the labels
+    or the head type change, as the ViT paper transfers."""
     source, processor = load_checkpoint(model_args)
     config = build_config(None if source is None else source.config, model_args, labels)
-    if source is None:
-        try:
-            model = ConformerForImageClassification(config)
-        except ValueError as error:
-            raise ScriptError(str(error)) from None
-    else:
-        model = transfer_weights(source, config, model_args.ignore_mismatched_sizes)
+    try:
+        model = ConformerForImageClassification(config)
+        if source is not None:
+            model.load_state_dict(adapt_state_dict(source.state_dict(), model), strict=True)
+    except ValueError as error:  # weights that do not fit, or a merge schedule the resolution cannot run
+        raise ScriptError(str(error)) from None
     processor = processor or ViTImageProcessor()
     processor.size = {"height": config.image_size, "width": config.image_size}
     return model, processor
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Checkpoints, metric, model card, plot
+# Checkpoints, metric, trainer, model card, plot
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -417,9 +411,8 @@ def checkpoint_problem(folder: str) -> str | None:
             json.load(file)
     except (OSError, ValueError) as error:
         return f"trainer_state.json: {getattr(error, 'strerror', None) or error}"
-    weights = os.path.join(folder, "model.safetensors")
     try:
-        with safe_open(weights, "pt"):
+        with safe_open(os.path.join(folder, "model.safetensors"), "pt"):
             pass
     except Exception as error:  # safetensors raises its own error type for a truncated or foreign file
         return f"model.safetensors: {str(error).strip().splitlines()[0]}"
@@ -438,36 +431,14 @@ def find_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> str 
     if resume_from_checkpoint.lower() not in ("last", "true"):
         if not os.path.isdir(resume_from_checkpoint):
             raise ScriptError(f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a folder.")
-        problem = checkpoint_problem(resume_from_checkpoint)
-        if problem:
+        if problem := checkpoint_problem(resume_from_checkpoint):
             raise ScriptError(f"cannot resume from {resume_from_checkpoint!r}: {problem}.")
         return resume_from_checkpoint
-    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
-    steps = sorted(
-        (
-            int(name.split("-")[1])
-            for name in names
-            if name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and name.split("-")[1].isdigit()
-        ),
-        reverse=True,
-    )
-    for step in steps:
-        folder = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
-        problem = checkpoint_problem(folder)
-        if problem is None:
+    for folder in reversed(sort_checkpoints(output_dir, PREFIX_CHECKPOINT_DIR)):  # newest first
+        if (problem := checkpoint_problem(folder)) is None:
             return folder
         logger.warning(f"Skipping {folder}: it is incomplete or damaged ({problem}).")
     raise ScriptError(f"--resume_from_checkpoint {resume_from_checkpoint}: no usable checkpoint in {output_dir!r}.")
-
-
-def warn_about_missing_state(checkpoint: str):
-    """The Trainer resumes silently without these files; say what it costs."""
-    if not os.path.exists(os.path.join(checkpoint, "optimizer.pt")):
-        logger.warning(
-            f"{checkpoint} has no optimizer.pt: the optimizer starts fresh (momentum and Adam moments lost)."
-        )
-    if not os.path.exists(os.path.join(checkpoint, LOSS_SUM_FILE)):
-        logger.warning(f"{checkpoint} has no {LOSS_SUM_FILE}: train_loss will average the resumed steps only.")
 
 
 def accuracy(predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
@@ -479,6 +450,60 @@ def accuracy(predictions: np.ndarray, references: np.ndarray) -> dict[str, float
 def compute_metrics(prediction) -> dict[str, float]:
     logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
     return accuracy(np.argmax(logits, axis=-1), prediction.label_ids)
+
+
+class ConformerTrainer(Trainer):
+    """`Trainer` whose checkpoints also keep the sum of all training losses so far, so that a resumed run reports the
+    mean loss of all its steps as `train_loss` (the Trainer's own counts only the steps since the resume), and whose
+    model card (`write_model_card`) names the base model and dataset and carries the evaluation result."""
+
+    loss_sum_before_resume = 0.0
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if state.distributed_type == DistributedType.MULTI_CPU and parse_flag_from_env("ACCELERATE_USE_FSDP"):
+            # accelerate keeps its FSDP plugin only on GPU-like devices and falls back to DDP on CPUs, although
+            # torch's `fully_shard` runs on CPUs with gloo: engage it here, so that a sharded run can be tried on CPUs.
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**(self.args.fsdp_plugin_args or {}))
+            state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.is_fsdp_enabled = True
+
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs):
+        """`Trainer.train`, from a checkpoint folder or None; says what a resume loses that the Trainer would not."""
+        if resume_from_checkpoint is not None:
+            if not os.path.exists(os.path.join(resume_from_checkpoint, "optimizer.pt")):
+                logger.warning(
+                    f"{resume_from_checkpoint} has no optimizer.pt: the optimizer starts fresh (momentum and Adam "
+                    "moments lost)."
+                )
+            loss_sum_file = os.path.join(resume_from_checkpoint, LOSS_SUM_FILE)
+            if os.path.exists(loss_sum_file):
+                with open(loss_sum_file) as file:
+                    self.loss_sum_before_resume = json.load(file)["loss_sum"]
+            else:
+                logger.warning(
+                    f"{resume_from_checkpoint} has no {LOSS_SUM_FILE}: train_loss averages the resumed steps."
+                )
+        result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        result.metrics["train_loss"] = self.loss_sum() / max(self.state.global_step, 1)  # all steps, resumed or not
+        return result
+
+    def loss_sum(self) -> float:
+        """The sum over all optimizer steps so far of their training loss (what has been logged plus what has not)."""
+        return self.loss_sum_before_resume + self._total_loss_scalar + self._tr_loss.item()
+
+    def _save_checkpoint(self, model, trial):
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:  # written first: trainer_state.json, written last, marks the checkpoint complete
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, LOSS_SUM_FILE), "w") as file:
+                json.dump({"global_step": self.state.global_step, "loss_sum": self.loss_sum()}, file)
+        super()._save_checkpoint(model, trial)
+
+    def create_model_card(self, finetuned_from: str | None = None, dataset: str = "digits", **kwargs):
+        if self.is_world_process_zero():
+            write_model_card(self.args, self.state.log_history, finetuned_from, dataset, self.model.config)
 
 
 CARD_TEXT = """# {name}
@@ -497,47 +522,6 @@ from transformers import pipeline
 classify = pipeline("image-classification", model="{name}", trust_remote_code=True)
 ```
 """
-
-
-class ConformerTrainer(Trainer):
-    """`Trainer` whose checkpoints also keep the sum of all training losses so far, so that a resumed run reports the
-    mean loss of all its steps (the Trainer's own `train_loss` counts only the steps since the resume), and whose
-    model card names the base model and dataset and carries the evaluation result."""
-
-    card_facts: dict = {}
-    loss_sum_before_resume = 0.0
-
-    def create_accelerator_and_postprocess(self):
-        super().create_accelerator_and_postprocess()
-        state = self.accelerator.state
-        if state.distributed_type == DistributedType.MULTI_CPU and parse_flag_from_env("ACCELERATE_USE_FSDP"):
-            # accelerate keeps its FSDP plugin only on GPU-like devices and falls back to DDP on CPUs, although
-            # torch's `fully_shard` runs on CPUs with gloo: engage it here, so that a sharded run can be tried on CPUs.
-            state.fsdp_plugin = FullyShardedDataParallelPlugin(**(self.args.fsdp_plugin_args or {}))
-            state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-            self.is_fsdp_enabled = True
-
-    def _save_checkpoint(self, model, trial):
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if self.args.should_save:  # written first: trainer_state.json, written last, marks the checkpoint complete
-            os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, LOSS_SUM_FILE), "w") as file:
-                json.dump({"global_step": self.state.global_step, "loss_sum": self.loss_sum()}, file)
-        super()._save_checkpoint(model, trial)
-
-    def loss_sum(self) -> float:
-        """The sum over all optimizer steps so far of their training loss (what has been logged plus what has not)."""
-        return self.loss_sum_before_resume + self._total_loss_scalar + self._tr_loss.item()
-
-    def resume_loss_sum(self, checkpoint: str):
-        path = os.path.join(checkpoint, LOSS_SUM_FILE)
-        if os.path.exists(path):
-            with open(path) as file:
-                self.loss_sum_before_resume = json.load(file)["loss_sum"]
-
-    def create_model_card(self, **kwargs):
-        if self.is_world_process_zero():
-            write_model_card(self.args, eval_results=self.state.log_history, **self.card_facts)
 
 
 def write_model_card(args: TrainingArguments, eval_results: list[dict], base_model: str | None, dataset: str, config):
@@ -601,24 +585,6 @@ def plot_training_curves(log_history: list[dict], path: str):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def load_dataset_for_training(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int):
-    dataset = image_data.load_image_dataset(
-        dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
-        train_dir=data_args.train_dir, validation_dir=data_args.validation_dir,
-        image_column=data_args.image_column_name, label_column=data_args.label_column_name,
-        train_val_split=data_args.train_val_split, seed=seed, cache_dir=model_args.cache_dir, token=model_args.token,
-    )  # fmt: skip
-    labels = next(iter(dataset.values())).features["label"].names
-    if len(labels) < 2:
-        raise ScriptError(
-            f"the dataset has {len(labels)} class(es) ({', '.join(labels)}); classification needs two or more."
-        )
-    for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
-        if split in dataset and limit is not None and limit < len(dataset[split]):
-            dataset[split] = dataset[split].shuffle(seed=seed).select(range(limit))
-    return dataset, labels
-
-
 def train(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: ConformerTrainingArguments):
     if training_args.should_log:
         transformers.utils.logging.set_verbosity_info()
@@ -636,21 +602,26 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments, training
     checkpoint = find_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
     with training_args.main_process_first(desc="loading the dataset"):
-        dataset, labels = load_dataset_for_training(data_args, model_args, training_args.seed)
-    for split, needed, hint in (
-        ("train", training_args.do_train, "give --train_dir or a dataset with one"),
-        ("validation", training_args.do_eval, "give --validation_dir or --train_val_split > 0, or --do_eval False"),
-    ):
-        if needed and split not in dataset:
-            raise ScriptError(f"{'training' if split == 'train' else 'evaluation'} needs a {split} split: {hint}.")
+        dataset = load_image_dataset(
+            dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
+            train_dir=data_args.train_dir, validation_dir=data_args.validation_dir,
+            image_column=data_args.image_column_name, label_column=data_args.label_column_name,
+            train_val_split=data_args.train_val_split, max_train_samples=data_args.max_train_samples,
+            max_eval_samples=data_args.max_eval_samples, seed=training_args.seed, cache_dir=model_args.cache_dir,
+            token=model_args.token,
+        )  # fmt: skip
+    if training_args.do_train and "train" not in dataset:
+        raise ScriptError("training needs a train split: give --train_dir or a dataset with one.")
+    if training_args.do_eval and "validation" not in dataset:
+        raise ScriptError(
+            "evaluation needs a validation split: give --validation_dir or --train_val_split > 0, or --do_eval False."
+        )
 
     set_seed(training_args.seed)
+    labels = next(iter(dataset.values())).features["label"].names
     model, image_processor = build_model(model_args, labels)
-    uses_digits = data_args.dataset_name in (None, "digits") and not (data_args.train_dir or data_args.validation_dir)
-    augment = data_args.augment if data_args.augment is not None else not uses_digits
-    transforms = build_transforms(
-        processor_size(image_processor), augment, image_processor.image_mean, image_processor.image_std
-    )
+    size = (image_processor.size["height"], image_processor.size["width"])
+    transforms = build_transforms(size, data_args.augment, image_processor.image_mean, image_processor.image_std)
     splits = {
         split: TransformedDataset(dataset[split], transform, seed=training_args.seed)
         for split, transform in zip(("train", "validation"), transforms)
@@ -665,11 +636,6 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments, training
         processing_class=image_processor,  # saved with the model, so that `pipeline()` reads the folder
         data_collator=collate_fn,
     )
-    trainer.card_facts = dict(
-        base_model=model_args.model_name_or_path or model_args.npz_path,
-        dataset=data_args.dataset_name or data_args.train_dir or "digits",
-        config=model.config,
-    )
 
     logger.info(f"Distributed mode: {trainer.accelerator.distributed_type.value}.")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -679,13 +645,9 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments, training
             "on CPUs pass --use_cpu --ddp_backend gloo."
         )
     if training_args.do_train:
-        if checkpoint is not None:
-            warn_about_missing_state(checkpoint)
-            trainer.resume_loss_sum(checkpoint)
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
         metrics = {**train_result.metrics, "train_samples": len(splits["train"])}
-        metrics["train_loss"] = trainer.loss_sum() / max(trainer.state.global_step, 1)  # all steps, resumed or not
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
@@ -694,10 +656,14 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments, training
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 
+    card = dict(
+        finetuned_from=model_args.model_name_or_path or model_args.npz_path,
+        dataset=data_args.dataset_name or data_args.train_dir or "digits",
+    )
     if training_args.push_to_hub:
-        trainer.push_to_hub()  # writes the model card first
+        trainer.push_to_hub(**card)  # writes the model card first
     else:
-        trainer.create_model_card()
+        trainer.create_model_card(**card)
     if training_args.do_train and trainer.is_world_process_zero():
         plot_training_curves(trainer.state.log_history, os.path.join(training_args.output_dir, "training_curves.png"))
     trainer.accelerator.wait_for_everyone()  # no process may tear down the process group while another still uses it

@@ -17,6 +17,7 @@ from PIL import Image
 from sklearn.metrics import accuracy_score
 from transformers import Trainer, ViTConfig, ViTForImageClassification
 
+import image_data
 import run_image_classification as script
 from modeling_conformer import ConformerForImageClassification, resample_position_embeddings
 
@@ -635,11 +636,9 @@ def test_sixteen_bit_images_train_as_their_levels(tmp_path):
             Image.fromarray(np.full((8, 8), level + i, np.uint16)).save(train / label / f"{i}.png")
     model_args = script.ModelArguments(model_type="ViT-Ti_16", image_size=16, patch_size=4)
     _, processor = script.build_model(model_args, labels=["dark", "light"])
-    dataset = script.image_data.load_image_dataset(
-        train_dir=str(train), train_val_split=0, cache_dir=str(tmp_path / "c")
-    )
-    _, transform = script.build_transforms(16, False, processor.image_mean, processor.image_std)
-    split = script.TransformedDataset(dataset["train"], transform)
+    dataset = image_data.load_image_dataset(train_dir=str(train), train_val_split=0, cache_dir=str(tmp_path / "c"))
+    _, transform = image_data.build_transforms(16, False, processor.image_mean, processor.image_std)
+    split = image_data.TransformedDataset(dataset["train"], transform)
     means = sorted(float(split[i]["pixel_values"].mean()) for i in range(4))
     # round(8000 / 257) = 31 -> 31/255 * 2 - 1 = -0.757; round(50000 / 257) = 195 -> 0.529
     assert means == pytest.approx([-0.7569, -0.7569, 0.5294, 0.5294], abs=1e-3)
