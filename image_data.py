@@ -67,10 +67,7 @@ def load_rgb_image(image) -> Image.Image:
 
 def _open(image) -> Image.Image:
     if isinstance(image, dict):
-        data, path = image.get("bytes"), image.get("path")
-        if data is None and path is None:
-            raise DataError("an example has no image (its image is None)")
-        image = data if data is not None else path
+        image = image["bytes"] if image.get("bytes") is not None else image.get("path")
     if image is None:
         raise DataError("an example has no image (its image is None)")
     with warnings.catch_warnings():  # over MAX_IMAGE_PIXELS, PIL warns while opening; _check_size raises instead
@@ -235,15 +232,6 @@ def _pick_column(features: Features, given: str | None, candidates: tuple[str, .
     raise DataError(f"cannot tell which column to use; give {flag} (the dataset's columns: {', '.join(features)}).")
 
 
-def _check_no_missing_values(dataset: DatasetDict, columns: dict[str, str]):
-    """Refuse `None` images or labels before training starts (Arrow counts nulls without reading the data)."""
-    for split, data in dataset.items():
-        for column, kind in columns.items():
-            missing = data.data.column(column).null_count
-            if missing:
-                raise DataError(f"{missing} example(s) of the {split} split have no {kind} (None in {column!r}).")
-
-
 def _encode_labels(dataset: DatasetDict) -> DatasetDict:
     """Make `label` a `ClassLabel` with one set of names for all splits (strings or ints sorted)."""
     feature = next(iter(dataset.values())).features["label"]
@@ -293,7 +281,10 @@ def prepare_splits(
             for split, data in splits.items()
         }
     )
-    _check_no_missing_values(dataset, {"image": "image", "label": "label"})
+    for split, data in dataset.items():  # Arrow counts the None values without reading the data
+        for column in ("image", "label"):
+            if missing := data.data.column(column).null_count:
+                raise DataError(f"{missing} example(s) of the {split} split have no {column} (None in {column!r}).")
     dataset = _encode_labels(dataset)
     labels = next(iter(dataset.values())).features["label"].names
     if len(labels) < 2:

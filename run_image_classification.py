@@ -34,14 +34,8 @@ import transformers
 from accelerate import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
 from safetensors import safe_open
-from transformers import AutoImageProcessor, HfArgumentParser, Trainer, TrainingArguments, ViTImageProcessor
-from transformers.trainer_utils import (
-    PREFIX_CHECKPOINT_DIR,
-    IntervalStrategy,
-    SchedulerType,
-    set_seed,
-    sort_checkpoints,
-)
+from transformers import AutoImageProcessor, HfArgumentParser, Trainer, TrainingArguments, ViTImageProcessor, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, SchedulerType, sort_checkpoints
 from transformers.training_args import OptimizerNames
 
 from configuration_conformer import CLASSIFIERS, MERGE_MODES, PRESETS, ConformerConfig
@@ -339,14 +333,8 @@ def load_checkpoint(model_args: ModelArguments):
 def build_config(base: ConformerConfig | None, model_args: ModelArguments, labels: list[str]) -> ConformerConfig:
     """The training model's config: the checkpoint's (or a preset's), the dataset's labels, the flags, then
     --config_overrides. A checkpoint's head is replaced only with --ignore_mismatched_sizes, its patch size kept."""
-    changes = {
-        "image_size": model_args.image_size,
-        "patch_size": model_args.patch_size,
-        "merge_mode": model_args.merge_mode,
-        "merge_r": model_args.merge_r,
-        "classifier": model_args.classifier,
-    }
-    changes = {key: value for key, value in changes.items() if value is not None}
+    flags = ("image_size", "patch_size", "merge_mode", "merge_r", "classifier")  # named as the config's fields
+    changes = {key: getattr(model_args, key) for key in flags if getattr(model_args, key) is not None}
     changes.update(
         num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}
     )
@@ -483,7 +471,7 @@ class ConformerTrainer(Trainer):
                     self.loss_sum_before_resume = json.load(file)["loss_sum"]
             else:
                 logger.warning(
-                    f"{resume_from_checkpoint} has no {LOSS_SUM_FILE}: train_loss averages the resumed steps."
+                    f"{resume_from_checkpoint} has no {LOSS_SUM_FILE}: train_loss averages the new steps only."
                 )
         result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         result.metrics["train_loss"] = self.loss_sum() / max(self.state.global_step, 1)  # all steps, resumed or not
