@@ -2,12 +2,14 @@
 
     python convert_npz_to_hf.py --npz_path ViT-B_16.npz --output_dir vit-b16-conformer --verify
     python convert_npz_to_hf.py --npz_path R50+ViT-B_16.npz --output_dir r50-vit-b16 --image_size 384 --num_labels 10
+    python convert_npz_to_hf.py --from_transformers facebook/dinov2-small --output_dir dinov2-s-conformer
     python convert_npz_to_hf.py --write_model_cards model_cards   # regenerate the cards of the released checkpoints
 
 Data flows one way: read the npz (never unpickling, only the arrays the model needs) -> read the architecture from
 the arrays' shapes -> map every array through one table of (npz key, our key, transform) -> `adapt_state_dict`
 (position embeddings resampled, a head that does not fit replaced) -> `save_pretrained` + image processor + model
-card. The folder is assembled beside `--output_dir` and moved into place only once it is complete (and verified).
+card (`model_card.py`). The folder is assembled beside `--output_dir` and moved into place only once it is complete
+(and verified).
 """
 
 import argparse
@@ -19,6 +21,7 @@ import sys
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -29,26 +32,22 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 
 from configuration_conformer import CLASSIFIERS, MERGE_MODES, PRESETS, ConformerConfig
-from modeling_conformer import ConformerForImageClassification, adapt_state_dict, merge_schedule
+from model_card import (  # noqa: F401  (hub_id: the training script's card imports it from here)
+    IMAGENET_1K_CLASSES,
+    SEED_CHECKPOINTS,
+    UPSTREAM_FILE_NAMES,
+    CardFacts,
+    hub_id,
+    render_model_card,
+    write_model_cards,
+)
+from modeling_conformer import ConformerForImageClassification, adapt_state_dict
 
-IMAGENET_1K_CLASSES = 1000
-IMAGENET_21K_CLASSES = 21843  # Google's ImageNet-21k label set (the released checkpoints' head)
-
-SEED_CHECKPOINTS = ("ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32", "ViT-H_14", "R50-ViT-B_16")
-# Google's names use "R50+ViT-B_16"; our preset (and card file) names avoid the "+".
-UPSTREAM_FILE_NAMES = {"R50-ViT-B_16": "R50+ViT-B_16"}
-README_URL = "https://github.com/google-research/vision_transformer"
-ISSUE_39 = f"{README_URL}/issues/39"
-# ImageNet-1k top-1 (%) of Google's released ImageNet-21k -> ImageNet-2012 fine-tuned checkpoints, keyed by
-# (model type, fine-tuning resolution): only numbers Google states for those very files, with their source.
-UPSTREAM_ACCURACY = {
-    ("ViT-B_16", 224): (81.2, "google-research/vision_transformer README (the '-224' checkpoints)", README_URL),
-    ("ViT-L_16", 224): (82.7, "google-research/vision_transformer README (the '-224' checkpoints)", README_URL),
-    ("R50-ViT-B_16", 384): (85.082, "google-research/vision_transformer issue #39 (maintainer's answer)", ISSUE_39),
-}
+# What a checkpoint's shapes decide (and a preset of Google's releases fixes).
+SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size")
+SHAPE_FIELDS += ("backbone_depths",)
 # Config fields the checkpoint decides; `**overrides` may set anything else (merging, classifier, dropout).
-ARCHITECTURE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size")
-ARCHITECTURE_FIELDS += ("num_channels", "backbone_depths", "layer_norm_eps", "qkv_bias")
+ARCHITECTURE_FIELDS = (*SHAPE_FIELDS, "num_channels", "layer_norm_eps", "qkv_bias")
 # Exactly what a conversion writes: `--overwrite` replaces a folder holding these and nothing else.
 CONVERTED_FILES = ("README.md", "config.json", "configuration_conformer.py", "model.safetensors")
 CONVERTED_FILES += ("modeling_conformer.py", "preprocessor_config.json")
@@ -69,39 +68,29 @@ def machine_memory() -> int:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _npy_header(archive: zipfile.ZipFile, member: str) -> tuple[tuple, np.dtype]:
-    """Shape and dtype an entry declares, read from its `.npy` header (only its first bytes are decompressed)."""
-    with archive.open(member) as stream:
-        version = np.lib.format.read_magic(stream)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
-        else:
-            shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
-    return shape, dtype
-
-
 def load_npz(path) -> np.lib.npyio.NpzFile:
-    """`np.load(path, allow_pickle=False)` once every entry's header declares floats of a size this machine can hold.
-
-    Entries are decompressed only when read, so the arrays a conversion does not use are never decompressed.
-    """
+    """`np.load(path, allow_pickle=False)` once every entry's `.npy` header declares floats of a size this machine can
+    hold. Only the headers are read here: an entry is decompressed when the conversion reads it, so unused ones never
+    are."""
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: no such file")
     with path.open("rb") as handle:
         if handle.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip archive of .npy files, as numpy.savez writes
             raise ConversionError(f"{path} is not an .npz archive (numpy.savez's zip of .npy arrays)")
-    memory = machine_memory()
+    memory, header = machine_memory(), np.lib.format
     try:
-        archive = np.load(path, allow_pickle=False)
-        try:
-            if not archive.files:
+        with zipfile.ZipFile(path) as archive:
+            if not archive.namelist():
                 raise ConversionError(f"{path} holds no arrays")
-            for member in archive.zip.namelist():
+            for member in archive.namelist():
                 key = member.removesuffix(".npy")
                 if key == member:
                     raise ConversionError(f"{path}: `{member}` is not an .npy array")
-                shape, dtype = _npy_header(archive.zip, member)
+                with archive.open(member) as stream:  # decompresses only the header's bytes
+                    version = header.read_magic(stream)
+                    read = header.read_array_header_1_0 if version == (1, 0) else header.read_array_header_2_0
+                    shape, _, dtype = read(stream)
                 if dtype.hasobject:
                     raise ConversionError(
                         f"{path}: `{key}` is an object array; refusing to unpickle it (a checkpoint holds numbers)"
@@ -113,30 +102,11 @@ def load_npz(path) -> np.lib.npyio.NpzFile:
                         f"{path}: `{key}` declares shape {shape} ({math.prod(shape) * dtype.itemsize / 2**30:.3g} "
                         f"GiB), more than this machine's {memory / 2**30:.3g} GiB of memory: not a checkpoint to read"
                     )
-        except BaseException:
-            archive.close()
-            raise
+        return np.load(path, allow_pickle=False)
     except ConversionError:
         raise
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as error:
         raise ConversionError(f"{path} is truncated or corrupt ({type(error).__name__}: {error})") from None
-    return archive
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where a checkpoint keeps its arrays.
-
-    Google's original release (google-research/vision_transformer) names one module per layer,
-    `Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/...`, and stores the position embedding under
-    `Transformer/posembed_input/`. big_vision names the same modules `MultiHeadDotProductAttention_0`, `LayerNorm_1`,
-    `MlpBlock_0`, keeps `pos_embedding` at the top, may prefix everything with `params/`, and may stack all layers on a
-    leading axis in `Transformer/encoderblock/...`. Detection follows timm's `_load_weights`.
-    """
-
-    prefix: str = ""
-    big_vision: bool = False
-    stacked: bool = False
 
 
 BIG_VISION_NAMES = {
@@ -147,36 +117,35 @@ BIG_VISION_NAMES = {
 }
 
 
-def detect_layout(params: Mapping) -> Layout:
-    prefix = next((p for p in ("", "opt/target/", "params/") if f"{p}embedding/kernel" in params), None)
-    if prefix is None:
-        raise ConversionError(
-            "missing key `embedding/kernel` (looked also under `params/` and `opt/target/`): not a ViT checkpoint"
-        )
-    stacked = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in params
-    big_vision = prefix == "params/" or f"{prefix}pos_embedding" in params or stacked
-    return Layout(prefix, big_vision, stacked)
-
-
 class CheckpointReader:
     """Reads arrays by their names in Google's original layout from either layout; errors name the file's own key.
-
     Each array is read once, as float32, and only when asked for.
+
+    Google's original release (google-research/vision_transformer) names one module per layer,
+    `Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/...`, and stores the position embedding under
+    `Transformer/posembed_input/`. big_vision names the same modules `MultiHeadDotProductAttention_0`, `LayerNorm_1`,
+    `MlpBlock_0`, keeps `pos_embedding` at the top, may prefix everything with `params/`, and may stack all layers on a
+    leading axis in `Transformer/encoderblock/...`. Detection follows timm's `_load_weights`.
     """
 
     def __init__(self, params: Mapping[str, np.ndarray]):
-        self.params = params
-        self.layout = detect_layout(params)
-        self.arrays = {}
+        self.params, self.arrays = params, {}
+        self.prefix = next((p for p in ("", "opt/target/", "params/") if f"{p}embedding/kernel" in params), None)
+        if self.prefix is None:
+            raise ConversionError(
+                "missing key `embedding/kernel` (looked also under `params/` and `opt/target/`): not a ViT checkpoint"
+            )
+        self.stacked = f"{self.prefix}Transformer/encoderblock/LayerNorm_0/scale" in params
+        self.big_vision = self.prefix == "params/" or f"{self.prefix}pos_embedding" in params or self.stacked
 
     def npz_key(self, key: str, layer: int | None = None) -> str:
         """The file's key for `key` (original names; a layer's keys relative to its block)."""
-        if self.layout.big_vision:
+        if self.big_vision:
             for original, renamed in BIG_VISION_NAMES.items():
                 key = key.replace(original, renamed)
         if layer is not None:
-            key = ("Transformer/encoderblock/" if self.layout.stacked else f"Transformer/encoderblock_{layer}/") + key
-        return self.layout.prefix + key
+            key = ("Transformer/encoderblock/" if self.stacked else f"Transformer/encoderblock_{layer}/") + key
+        return self.prefix + key
 
     def has(self, key: str) -> bool:
         return self.npz_key(key) in self.params
@@ -199,16 +168,16 @@ class CheckpointReader:
         if npz_key not in self.params:
             raise ConversionError(f"missing key `{npz_key}`")
         array = self._read(npz_key)
-        if layer is not None and self.layout.stacked:
+        if layer is not None and self.stacked:
             if array.shape[0] <= layer:
                 raise ConversionError(f"`{npz_key}` stacks {array.shape[0]} layers, but layer {layer} is needed")
             array = array[layer]
         return array
 
     def num_layers(self) -> int:
-        if self.layout.stacked:
+        if self.stacked:
             return self._read(self.npz_key("LayerNorm_0/scale", 0)).shape[0]
-        pattern = re.compile(re.escape(self.layout.prefix) + r"Transformer/encoderblock_(\d+)/")
+        pattern = re.compile(re.escape(self.prefix) + r"Transformer/encoderblock_(\d+)/")
         indices = {int(m.group(1)) for m in map(pattern.match, self.params) if m}
         if not indices:
             raise ConversionError(f"missing key `{self.npz_key('LayerNorm_0/scale', 0)}`: no transformer layers")
@@ -221,7 +190,7 @@ class CheckpointReader:
         """Units per ResNet stage of the hybrid (`block{s}/unit{u}/...`), or None for a plain patch embedding."""
         if not self.has("conv_root/kernel"):
             return None
-        pattern = re.compile(re.escape(self.layout.prefix) + r"block(\d+)/unit(\d+)/")
+        pattern = re.compile(re.escape(self.prefix) + r"block(\d+)/unit(\d+)/")
         units = {}
         for match in filter(None, map(pattern.match, self.params)):
             stage, unit = int(match.group(1)), int(match.group(2))
@@ -230,10 +199,6 @@ class CheckpointReader:
             raise ConversionError(f"`{self.npz_key('conv_root/kernel')}` is there but no `block1/unit1/...` keys")
         # A missing stage or unit surfaces as a missing key when the table reads it.
         return [units.get(stage, 1) for stage in range(1, max(units) + 1)]
-
-
-PRESET_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size")
-PRESET_FIELDS += ("backbone_depths",)
 
 
 @dataclass(frozen=True)
@@ -251,7 +216,6 @@ class CheckpointArchitecture:
     num_classes: int | None  # None: no head in the file
     image_size: int
     position_has_class_slot: bool  # False for big_vision's [1, grid**2, dim] position embeddings
-    layout: Layout
 
     @property
     def model_type(self) -> str | None:
@@ -259,7 +223,7 @@ class CheckpointArchitecture:
         return next((name for name in SEED_CHECKPOINTS if self.is_shaped_like(name)), None)
 
     def is_shaped_like(self, preset: str) -> bool:
-        return all(PRESETS[preset].get(field) == getattr(self, field) for field in PRESET_FIELDS)
+        return all(PRESETS[preset].get(field) == getattr(self, field) for field in SHAPE_FIELDS)
 
     def describe(self) -> str:
         parts = [f"width {self.hidden_size}", f"{self.num_hidden_layers} layers", f"{self.num_attention_heads} heads"]
@@ -318,7 +282,6 @@ def read_architecture(reader: CheckpointReader) -> CheckpointArchitecture:
         num_classes=num_classes,
         image_size=grid * patch_size,
         position_has_class_slot=has_class_slot,
-        layout=reader.layout,
     )
 
 
@@ -445,14 +408,8 @@ def _check_model_type(model_type: str, architecture: CheckpointArchitecture):
         )
 
 
-def _imagenet_1k_labels() -> dict[int, str]:
-    from timm.data import ImageNetInfo  # ships the class names, so no download is needed
-
-    info = ImageNetInfo("imagenet-1k")
-    return {index: info.index_to_description(index) for index in range(IMAGENET_1K_CLASSES)}
-
-
-def _resolve_labels(architecture, num_labels, id2label) -> tuple[int, dict | None]:
+def _resolve_labels(num_labels: int | None, id2label: dict | None, checkpoint_classes: int) -> tuple[int, dict | None]:
+    """(num_labels, id2label) from either or both (they must agree), else the checkpoint's; ImageNet-1k's names."""
     if id2label is not None:
         id2label = {int(index): str(name) for index, name in dict(id2label).items()}
         if sorted(id2label) != list(range(len(id2label))):
@@ -462,28 +419,15 @@ def _resolve_labels(architecture, num_labels, id2label) -> tuple[int, dict | Non
                 f"--num_labels {num_labels} contradicts id2label, which names {len(id2label)} classes"
             )
         num_labels = len(id2label)
-    if num_labels is None:
-        if architecture.num_classes is None:
-            raise ConversionError(
-                f"missing key `{architecture.layout.prefix}head/kernel`; pass --num_labels for a new head"
-            )
-        num_labels = architecture.num_classes
+    num_labels = checkpoint_classes if num_labels is None else num_labels
     if not isinstance(num_labels, int) or num_labels <= 0:
         raise ConversionError(f"--num_labels must be a positive int, got {num_labels!r}")
     if id2label is None and num_labels == IMAGENET_1K_CLASSES:
-        id2label = _imagenet_1k_labels()
+        from timm.data import ImageNetInfo  # ships the class names, so no download is needed
+
+        info = ImageNetInfo("imagenet-1k")
+        id2label = {index: info.index_to_description(index) for index in range(IMAGENET_1K_CLASSES)}
     return num_labels, id2label
-
-
-def _check_position_embeddings_fit(config: ConformerConfig):
-    """Refuse an `image_size` whose position embeddings cannot be allocated, before trying to."""
-    tokens = 1 + config.num_patches
-    needed = 3 * tokens * config.hidden_size * 4  # float32: the parameter, the resampled copy, interpolate's buffer
-    if needed > machine_memory():
-        raise ConversionError(
-            f"--image_size {config.image_size} gives {tokens} tokens, whose position embeddings need "
-            f"{needed / 2**30:.3g} GiB, more than the {machine_memory() / 2**30:.3g} GiB here: choose a smaller size"
-        )
 
 
 def infer_config(
@@ -499,12 +443,13 @@ def infer_config(
     `model_type` (`ViT-B_16`, `R50+ViT-B_16`, ...) is only a cross-check. `image_size` other than the checkpoint's
     resamples the position embeddings; `num_labels` other than the checkpoint's head gives a new, zero-initialised head
     without `pre_logits` (the ViT paper's transfer recipe). `overrides` set the other fields (`merge_mode`, `merge_r`,
-    `classifier`, ...); the architecture's own fields cannot be overridden.
+    `classifier`, ...; `hidden_act="gelu_pytorch_tanh"` for Flax's GELU); the architecture's own fields cannot.
     """
-    architecture = read_architecture(params if isinstance(params, CheckpointReader) else CheckpointReader(params))
+    reader = params if isinstance(params, CheckpointReader) else CheckpointReader(params)
+    architecture = read_architecture(reader)
     if model_type is not None:
         _check_model_type(model_type, architecture)
-    fixed = sorted(set(overrides) & set(ARCHITECTURE_FIELDS + ("image_size", "num_labels", "id2label", "label2id")))
+    fixed = sorted(set(overrides) & {*ARCHITECTURE_FIELDS, "image_size", "num_labels", "id2label", "label2id"})
     if fixed:
         raise ConversionError(f"{', '.join(fixed)} cannot be overridden: the checkpoint (or its own argument) decides")
     image_size = architecture.image_size if image_size is None else image_size
@@ -512,20 +457,28 @@ def infer_config(
         raise ConversionError(
             f"--image_size must be a positive multiple of the patch size {architecture.patch_size}, got {image_size}"
         )
-    num_labels, id2label = _resolve_labels(architecture, num_labels, id2label)
+    if num_labels is None and id2label is None and architecture.num_classes is None:
+        raise ConversionError(f"missing key `{reader.npz_key('head/kernel')}`; pass --num_labels for a new head")
+    num_labels, id2label = _resolve_labels(num_labels, id2label, architecture.num_classes)
     if num_labels == architecture.num_classes and overrides.get("classifier") != "cnn":
         overrides["representation_size"] = architecture.representation_size  # the checkpoint's head, kept
-    shape_fields = ARCHITECTURE_FIELDS[: ARCHITECTURE_FIELDS.index("backbone_depths") + 1]
-    fields = {name: getattr(architecture, name) for name in shape_fields}
+    fields = {name: getattr(architecture, name) for name in (*SHAPE_FIELDS, "num_channels")}
     # The exact erf GELU, as timm; Google's Flax used the tanh approximation.
     fields.update(hidden_act="gelu", layer_norm_eps=1e-6, qkv_bias=True, image_size=image_size, num_labels=num_labels)
     if id2label is not None:
         fields.update(id2label=id2label, label2id={name: index for index, name in id2label.items()})
     try:
-        config = ConformerConfig(**{**fields, **overrides})  # e.g. hidden_act="gelu_pytorch_tanh" for Flax's GELU
+        config = ConformerConfig(**{**fields, **overrides})
     except (TypeError, ValueError, StrictDataclassError) as error:
-        raise ConversionError(" ".join(str(error).split())) from None
-    _check_position_embeddings_fit(config)
+        raise ConversionError(str(error)) from None
+    # Refuse an `image_size` whose position embeddings cannot be allocated, before trying to.
+    tokens = 1 + config.num_patches
+    needed = 3 * tokens * config.hidden_size * 4  # float32: the parameter, the resampled copy, interpolate's buffer
+    if needed > machine_memory():
+        raise ConversionError(
+            f"--image_size {config.image_size} gives {tokens} tokens, whose position embeddings need "
+            f"{needed / 2**30:.3g} GiB, more than the {machine_memory() / 2**30:.3g} GiB here: choose a smaller size"
+        )
     return config, architecture
 
 
@@ -569,21 +522,19 @@ def _state_dict(reader: CheckpointReader, model, architecture) -> dict[str, torc
     return state_dict
 
 
-def _convert(params: Mapping, image_size, num_labels, id2label, model_type, **overrides):
-    """(model, architecture) of the checkpoint `params`."""
+def _convert(params: Mapping, **options) -> tuple[ConformerForImageClassification, CheckpointArchitecture]:
+    """(model, architecture) of the checkpoint `params`; `options` are `infer_config`'s."""
     reader = CheckpointReader(params)
-    config, architecture = infer_config(reader, model_type, image_size, num_labels, id2label, **overrides)
+    config, architecture = infer_config(reader, **options)
     try:
         model = ConformerForImageClassification(config)
     except (ValueError, StrictDataclassError) as error:  # e.g. a merge schedule the token count cannot support
-        raise ConversionError(" ".join(str(error).split())) from None
+        raise ConversionError(str(error)) from None
     # Bilinear, as timm's `_load_weights`, so a resized model stays equal to timm's (Google's fine-tuning code used
     # `scipy.ndimage.zoom(order=1)`, like `align_corners=True`: up to a fifth of the largest value apart on 14 -> 24).
     model.load_state_dict(adapt_state_dict(_state_dict(reader, model, architecture), model, mode="bilinear"))
     ignored = HEAD_KEYS if not keeps_checkpoint_head(config, architecture) else set()
-    unused = sorted(
-        key for key in params if key not in reader.arrays and key[len(reader.layout.prefix) :] not in ignored
-    )
+    unused = sorted(key for key in params if key not in reader.arrays and key[len(reader.prefix) :] not in ignored)
     if unused:
         print(f"warning: {len(unused)} arrays of the checkpoint are not used, e.g. `{unused[0]}`", file=sys.stderr)
     return model.eval(), architecture
@@ -603,10 +554,9 @@ def convert_checkpoint(
     `infer_config`. With the checkpoint's own head, the head (and `pre_logits`) are converted exactly; with another
     `num_labels` (or `classifier="cnn"`) the classifier starts at zero and `pre_logits` is dropped.
     """
-    if isinstance(npz_path, Mapping):
-        return _convert(npz_path, image_size, num_labels, id2label, model_type, **config_overrides)[0]
-    with load_npz(npz_path) as params:
-        return _convert(params, image_size, num_labels, id2label, model_type, **config_overrides)[0]
+    options = dict(model_type=model_type, image_size=image_size, num_labels=num_labels, id2label=id2label)
+    with nullcontext(npz_path) if isinstance(npz_path, Mapping) else load_npz(npz_path) as params:
+        return _convert(params, **options, **config_overrides)[0]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -695,307 +645,19 @@ def verify_folder(folder, npz_path, architecture, tolerance: float = 1e-4) -> di
     return result
 
 
-# The model card of a converted folder (Jinja, rendered by huggingface_hub's `ModelCard.from_template`). It lives here,
-# not in a file beside the module, so that an installed package carries it. A backslash ends a line without a break.
-CARD_TEMPLATE = """\
----
-{{ card_data }}
----
-
-# Conformer {{ name }}
-
-{% if facts.source_class %}`{{ facts.source_file }}`, a 🤗 Transformers `{{ facts.source_class }}`\
-{%- if facts.pretrained_classes %} with a {{ "{:,}".format(facts.pretrained_classes) }}-class head{% endif %} at \
-{{ facts.source_image_size }}x{{ facts.source_image_size }}, converted into a `ConformerForImageClassification`:
-a ViT whose tokens can be merged between the attention and the MLP of each layer.
-{% if card_data.base_model %}
-The weights are those of [{{ card_data.base_model }}](https://huggingface.co/{{ card_data.base_model }}), under its \
-own license{% if card_data.license %} ({{ card_data.license }}){% endif %}.
-{% endif %}
-{%- else %}{% if facts.model_type %}Google's {{ name }} Vision Transformer{% else %}A Vision Transformer in Google's \
-format{% endif %},
-{%- if facts.pretrained_classes == imagenet_21k_classes %} pre-trained on ImageNet-21k (14M images, 21,843 classes) \
-at 224x224
-{%- elif facts.pretrained_classes == 1000 and facts.model_type %} pre-trained on ImageNet-21k and fine-tuned on \
-ImageNet-1k (ILSVRC-2012) at {{ facts.source_image_size }}x{{ facts.source_image_size }}
-{%- else %} with a {{ "{:,}-class".format(facts.pretrained_classes) if facts.pretrained_classes else "headless" }} \
-head at {{ facts.source_image_size }}x{{ facts.source_image_size }}
-{%- endif %}, converted from `{{ facts.source_file }}` into a 🤗 Transformers `ConformerForImageClassification`:
-a ViT whose tokens can be merged between the attention and the MLP of each layer.
-
-The weights come from [google-research/vision_transformer](https://github.com/google-research/vision_transformer),
-released with [An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale]\
-(https://arxiv.org/abs/2010.11929)
-(Dosovitskiy et al., ICLR 2021), under the Apache 2.0 license.
-{% endif %}
-## Model
-
-| | |
-|---|---|
-| Transformer | {{ config.num_hidden_layers }} layers, width {{ config.hidden_size }}, \
-{{ config.num_attention_heads }} heads, MLP {{ config.intermediate_size }}\
-{%- if config.mlp_type == "swiglu" %} (SwiGLU){% endif %} |
-{%- if config.backbone_depths %}
-| Patch embedding | ResNet (BiT, GroupNorm, weight-standardised convolutions, stages \
-{{ config.backbone_depths }}), then a {{ config.patch_size // config.backbone_stride }}x\
-{{- config.patch_size // config.backbone_stride }} projection: one token per \
-{{ config.patch_size }}x{{ config.patch_size }} pixels |
-{%- else %}
-| Patch embedding | {{ config.patch_size }}x{{ config.patch_size }} patches |
-{%- endif %}
-| Resolution | {{ config.image_size }}x{{ config.image_size }} ({{ merging.tokens_in }} tokens\
-{%- if prefix_tokens %} with the {{ prefix_tokens | join(" and ") }}{% endif %})\
-{%- if config.image_size != facts.source_image_size %}; position embeddings resampled bilinearly from \
-{{ facts.source_image_size }}x{{ facts.source_image_size }}{% endif %} |
-| Head | {% if not config.num_labels %}none: `logits` are the pooled features ({{ config.classifier }})\
-{%- elif facts.keep_head %}converted exactly{% if config.representation_size %}, with the tanh pre-logits layer \
-({{ config.representation_size }} units){% endif %}{% else %}new, zero-initialised ({{ config.num_labels }} \
-classes), as the ViT paper does for transfer{% endif %} |
-| Classes | {{ config.num_labels }} |
-| Preprocessing | {{ facts.preprocessing or "resize to %dx%d, scale to [-1, 1] (mean 0.5, std 0.5), as Google's models \
-expect" % (config.image_size, config.image_size) }} |
-
-## Token merging
-
-{% if merging.merge_mode == "none" -%}
-Merging is off in this folder: the model computes what the original model computes. Switch it on when loading, for
-example `from_pretrained(..., trust_remote_code=True, merge_mode="bipartite", merge_r={{ example_merge_r }})`.
-{%- else -%}
-Configured as `merge_mode="{{ merging.merge_mode }}"`, `merge_r={{ merging.merge_r }}`, proportional attention \
-{{ "on" if merging.proportional_attention else "off" }}, classifier `{{ merging.classifier }}`:
-the {{ merging.tokens_in }} tokens are reduced to {{ merging.tokens_out }} by the last layer{% if prefix_tokens %} \
-(merging leaves the {{ prefix_tokens | join(" and ") }} alone){% endif %}. The weights are the original model's, \
-trained without merging; expect some loss of accuracy until the model is fine-tuned with merging on. Load with \
-`merge_mode="none"` to get the original model's outputs.
-{%- endif %}
-
-## Usage
-
-```python
-from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-processor = AutoImageProcessor.from_pretrained("{{ facts.repo_id }}")
-model = AutoModelForImageClassification.from_pretrained("{{ facts.repo_id }}", trust_remote_code=True)
-logits = model(**processor(images=image, return_tensors="pt")).logits
-```
-{% if not facts.source_class %}
-## Upstream results
-
-{% if accuracy -%}
-Google reports {{ accuracy[0] }}% ImageNet-1k top-1 for this checkpoint ([{{ accuracy[1] }}]({{ accuracy[2] }})),
-without token merging.
-{%- elif upstream -%}
-{% if facts.pretrained_classes == imagenet_21k_classes %}This is a pre-training checkpoint. {% endif %}Google \
-reports, for its ImageNet-1k fine-tuned release of the same model:
-{% for size, top1, source, url in upstream %}
-- {{ size }}x{{ size }}: {{ top1 }}% top-1 ([{{ source }}]({{ url }}))
-{%- endfor %}
-{%- else -%}
-No ImageNet-1k accuracy for this checkpoint could be confirmed from Google's own sources, so none is quoted here.
-{%- endif %}
-{% endif %}
-## Conversion
-
-Converted with `convert_npz_to_hf.py` of the Conformer repository:
-
-```bash
-{{ facts.command }}
-```
-{% if facts.source_class %}
-The converter loads the source with transformers and renames its weights onto Conformer's modules \
-(`ConformerForImageClassification.from_transformers`), checking every shape. With merging off, the outputs equal \
-the source's (`last_hidden_state`, `pooler_output`, `logits`) to 1e-4.
-{%- else %}
-The converter reads the architecture from the checkpoint's array shapes and maps every array through one table.
-With merging off, the logits equal those of timm's `_load_weights` of the same `.npz` (to 1e-4\
-{%- if config.representation_size %};
-the tanh pre-logits layer, which timm drops, is checked against `head(tanh(W·cls + b))` computed by hand{% endif %}).
-{%- endif %}
-{%- if facts.verification %}
-Verified on a random batch when this folder was written: largest difference to {{ facts.reference }}
-{%- for key, value in facts.verification.items() if key != "scale" %} {{ key }} {{ "%.2g" | format(value) }}\
-{{ "," if not loop.last }}{% endfor %}.
-{%- endif %}
-{%- if not facts.source_class %}
-The GELU is the exact (erf) one, as in timm and transformers; Google's Flax code used the tanh approximation.
-
-## Citation
-
-```bibtex
-@inproceedings{dosovitskiy2021an,
-  title={An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale},
-  author={Alexey Dosovitskiy and Lucas Beyer and Alexander Kolesnikov and Dirk Weissenborn and Xiaohua Zhai and
-          Thomas Unterthiner and Mostafa Dehghani and Matthias Minderer and Georg Heigold and Sylvain Gelly and
-          Jakob Uszkoreit and Neil Houlsby},
-  booktitle={International Conference on Learning Representations},
-  year={2021}
-}
-```
-{%- endif %}
-"""
-
-
 # --------------------------------------------------------------------------------------------------------------------
-# The Hub folder: weights, config, remote code, image processor, model card
+# The Hub folder, written without touching anything the converter did not write
 # --------------------------------------------------------------------------------------------------------------------
 
 
 def image_processor(config: ConformerConfig, image_mean=None, image_std=None):
-    """`ViTImageProcessor` at the model's size; by default Google's statistics (mean 0.5, std 0.5: [-1, 1])."""
+    """transformers' `ViTImageProcessor` at the model's size; by default its own statistics, which are Google's (mean
+    0.5, std 0.5: pixels scaled to [-1, 1]), repeated for the model's channels."""
     from transformers import ViTImageProcessor
 
-    image_mean, image_std = image_mean or [0.5] * config.num_channels, image_std or [0.5] * config.num_channels
+    google = [0.5] * config.num_channels
     size = {"height": config.image_size, "width": config.image_size}
-    return ViTImageProcessor(size=size, image_mean=list(image_mean), image_std=list(image_std))
-
-
-@dataclass
-class CardFacts:
-    """What a model card says about one conversion."""
-
-    model_type: str | None  # `ViT-B_16`, ... or None for other shapes
-    source_file: str  # the npz's file name, or the transformers source as given
-    pretrained_classes: int | None  # the checkpoint's head
-    source_image_size: int
-    keep_head: bool
-    repo_id: str = "path/to/this/folder"
-    command: str = ""
-    verification: dict | None = None
-    source_class: str | None = None  # a transformers source's class (`Dinov2Model`, ...); None for Google's npz
-    preprocessing: str | None = None  # None: Google's [-1, 1] scaling
-    reference: str = "timm"  # what `verification` compares with
-
-    @property
-    def upstream_accuracy(self):
-        """(top-1, source, url) of this very checkpoint, where Google states it; else None."""
-        if self.pretrained_classes == IMAGENET_1K_CLASSES and self.keep_head and not self.source_class:
-            return UPSTREAM_ACCURACY.get((self.model_type, self.source_image_size))
-        return None
-
-
-def merge_summary(config: ConformerConfig) -> dict:
-    """The merging settings and the token counts they give (the card's `token_merging` metadata)."""
-    tokens_in = config.num_prefix_tokens + config.num_patches
-    schedule = merge_schedule(
-        config.merge_r_per_layer, tokens_in, config.num_hidden_layers, (config.merge_mode,), config.num_prefix_tokens
-    )
-    return {
-        "merge_mode": config.merge_mode,
-        "merge_r": config.merge_r if config.merge_mode != "none" else 0,
-        "proportional_attention": config.proportional_attention,
-        "classifier": config.classifier,
-        "tokens_in": tokens_in,
-        "tokens_out": tokens_in - sum(schedule),
-    }
-
-
-def prefix_token_names(config: ConformerConfig) -> list[str]:
-    """The tokens before the patches, which never merge: `["class token", "4 register tokens"]`, ..."""
-    names = ["class token"] * config.class_token + ["distillation token"] * config.distillation_token
-    registers = config.num_register_tokens
-    return names + [f"{registers} register token{'s' * (registers > 1)}"] * bool(registers)
-
-
-def hub_id(name: str | None) -> str | None:
-    """`name` when it has the form of a Hub repository id (`org/model`): a card's `base_model`; else None."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if not name:
-        return None
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return None
-    return name
-
-
-def _card_data(config: ConformerConfig, facts: CardFacts, merging: dict, name: str, source_license: str | None):
-    from huggingface_hub import EvalResult, ModelCardData
-
-    tags = ["vision", "image-classification", "vit", "token-merging", "conformer"]
-    tags += ["hybrid"] * bool(config.backbone_depths)
-    if facts.source_class:
-        return ModelCardData(
-            license=source_license,
-            library_name="transformers",
-            pipeline_tag="image-classification",
-            tags=tags,
-            base_model=hub_id(facts.source_file),
-            token_merging=merging,
-        )
-    # Google released these shapes pre-trained on ImageNet-21k; for other shapes only the class count speaks.
-    datasets = ["imagenet-21k"] * bool(facts.model_type or facts.pretrained_classes == IMAGENET_21K_CLASSES)
-    datasets += ["imagenet-1k"] * (facts.pretrained_classes == IMAGENET_1K_CLASSES)
-    accuracy = facts.upstream_accuracy
-    evaluation = dict(task_type="image-classification", dataset_type="imagenet-1k", dataset_name="ImageNet-1k")
-    evaluation.update(dataset_split="validation", metric_type="accuracy")
-    evaluation.update(metric_name="Top-1 accuracy (%), without token merging")
-    return ModelCardData(
-        license="apache-2.0",
-        library_name="transformers",
-        pipeline_tag="image-classification",
-        tags=tags,
-        datasets=datasets or None,
-        metrics=["accuracy"] if accuracy else None,
-        model_name=f"conformer-{name}" if accuracy else None,
-        eval_results=[
-            EvalResult(**evaluation, metric_value=accuracy[0], source_name=accuracy[1], source_url=accuracy[2])
-        ]
-        if accuracy
-        else None,
-        token_merging=merging,
-    )
-
-
-def render_model_card(config: ConformerConfig, facts: CardFacts, source_license: str | None = None) -> str:
-    """README.md for a converted folder: `CARD_TEMPLATE` filled in with the facts by huggingface_hub.
-
-    `source_license`: a transformers source's own (its card's); Google's checkpoints are Apache 2.0."""
-    from huggingface_hub import ModelCard
-
-    if facts.source_class:
-        name = facts.source_file.rstrip("/").rpartition("/")[2]
-    else:
-        name = UPSTREAM_FILE_NAMES.get(facts.model_type, facts.model_type) if facts.model_type else "ViT"
-    merging = merge_summary(config)
-    layers, tokens = config.num_hidden_layers, merging["tokens_in"]
-    fits = lambda r: merge_schedule(r, tokens, layers, num_prefix_tokens=config.num_prefix_tokens) == [r] * layers
-    card = ModelCard.from_template(
-        _card_data(config, facts, merging, name, source_license),
-        template_str=CARD_TEMPLATE,
-        name=name,
-        config=config,
-        facts=facts,
-        merging=merging,
-        prefix_tokens=prefix_token_names(config),
-        # The largest constant r up to ToMe's usual 16 that bipartite merging supports in every layer.
-        example_merge_r=next((r for r in range(16, 0, -1) if fits(r)), 0),
-        accuracy=facts.upstream_accuracy,
-        upstream=[(size, *result) for (kind, size), result in UPSTREAM_ACCURACY.items() if kind == facts.model_type],
-        imagenet_21k_classes=IMAGENET_21K_CLASSES,
-    )
-    return str(card).rstrip("\n") + "\n"
-
-
-def write_folder(model, folder: Path, facts: CardFacts, processor=None, source_license: str | None = None):
-    """Everything a Hub repository needs: config.json (with `auto_map`), model.safetensors, the two remote-code
-    files (copied by `save_pretrained`, as the classes are registered), preprocessor_config.json and README.md."""
-    model.save_pretrained(folder)
-    (processor or image_processor(model.config)).save_pretrained(folder)
-    (folder / "README.md").write_text(render_model_card(model.config, facts, source_license), encoding="utf-8")
-
-
-def push_folder_to_hub(folder, repo_id: str, private: bool | None = None):
-    """Upload a converted folder as it is (a thin call: the folder is already the repository)."""
-    from huggingface_hub import create_repo, upload_folder
-
-    create_repo(repo_id, exist_ok=True, private=private)
-    return upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Convert a ViT checkpoint")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Writing the folder without touching anything the converter did not write
-# --------------------------------------------------------------------------------------------------------------------
+    return ViTImageProcessor(size=size, image_mean=list(image_mean or google), image_std=list(image_std or google))
 
 
 def _foreign_entries(folder: Path) -> list[str]:
@@ -1035,68 +697,48 @@ def _check_output_dir(output_dir: Path, source: Path | None, overwrite: bool):
         )
 
 
-def _check_onnx_path(path: Path, overwrite: bool):
-    """Checked before converting: `--export_onnx` writes `path` and `path.data` (the weights), nothing else."""
-    for existing in (path, path.with_name(path.name + ".data")):
-        if existing.is_dir() or (existing.exists() and not overwrite):
-            raise ConversionError(f"--export_onnx {path}: {existing} exists (pass --overwrite to replace it)")
+def _check_outputs(output_dir: Path, source: Path | None, overwrite: bool, onnx_path):
+    """Before converting: the folder as `_check_output_dir`; `--export_onnx` writes `path` and `path.data` (the
+    weights), replacing them only with `overwrite`."""
+    _check_output_dir(output_dir, source, overwrite)
+    if onnx_path:
+        for existing in (Path(onnx_path), Path(f"{onnx_path}.data")):
+            if existing.is_dir() or (existing.exists() and not overwrite):
+                raise ConversionError(f"--export_onnx {onnx_path}: {existing} exists (pass --overwrite to replace it)")
 
 
 def _process_is_running(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True
 
 
-def _remove_stale_staging(target: Path):
-    """Remove what killed conversions to `target` left: staging folders of dead processes holding only our files."""
-    for folder in target.parent.glob(f".{target.name}{STAGING_MARK}*"):
-        pid = folder.name.rpartition(STAGING_MARK)[2]
-        if pid.isdigit() and not _process_is_running(int(pid)) and folder.is_dir() and not _foreign_entries(folder):
-            _remove_conversion(folder)
+def write_conversion(model, facts: CardFacts, output_dir: Path, source: Path | None, overwrite: bool, **options):
+    """Write the Hub folder of a conversion to `output_dir`, all or nothing: config.json (with `auto_map`),
+    model.safetensors, the two remote-code files (`save_pretrained` copies them, as the classes are registered),
+    preprocessor_config.json and README.md. It is staged beside `output_dir` and moved into place only once complete.
 
-
-def _merging_flags(config: ConformerConfig) -> list[str]:
-    words = []
-    if config.merge_mode != "none":
-        merge_r = ",".join(map(str, config.merge_r)) if isinstance(config.merge_r, list) else config.merge_r
-        words.append(f"--merge_mode {config.merge_mode} --merge_r {merge_r}")
-    return words
-
-
-def _command_line(npz_path, output_dir, config, architecture, model_type, named_labels) -> str:
-    """The command that reproduces a conversion (file names only, for the model card)."""
-    words = ["python convert_npz_to_hf.py", f"--npz_path {npz_path.name}", f"--output_dir {output_dir.name}"]
-    words += [f"--model_type {model_type}"] * bool(model_type)
-    words += [f"--image_size {config.image_size}"] * (config.image_size != architecture.image_size)
-    if named_labels:
-        words.append("--id2label labels.json")
-    elif config.num_labels != architecture.num_classes:
-        words.append(f"--num_labels {config.num_labels}")
-    words += _merging_flags(config)
-    words += [f"--classifier {config.classifier}"] * (config.classifier != "token")
-    return " ".join(words + ["--verify"])
-
-
-def write_conversion(model, facts: CardFacts, output_dir: Path, source: Path | None, overwrite: bool, **extras):
-    """Write the folder of a conversion to `output_dir`, all or nothing: it is staged beside `output_dir` and moved
-    into place only once complete. `extras` go to `write_folder`; `verify(staging) -> differences`, if given, runs
-    on the staged folder and its result enters the card."""
-    verify = extras.pop("verify", None)
+    `options`: `processor` (default `image_processor`), `source_license` for the card, and `verify(staged folder) ->
+    differences`, whose result enters the card."""
     target = output_dir.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(target)
+    for stale in target.parent.glob(f".{target.name}{STAGING_MARK}*"):  # left by killed conversions to `target`
+        pid = stale.name.rpartition(STAGING_MARK)[2]
+        if pid.isdigit() and not _process_is_running(int(pid)) and stale.is_dir() and not _foreign_entries(stale):
+            _remove_conversion(stale)
     staging = target.parent / f".{target.name}{STAGING_MARK}{os.getpid()}"
     try:
         staging.mkdir()
-        write_folder(model, staging, facts, **extras)
-        if verify:
-            facts.verification = verify(staging)
-            (staging / "README.md").write_text(render_model_card(model.config, facts), encoding="utf-8")
+        model.save_pretrained(staging)
+        (options.get("processor") or image_processor(model.config)).save_pretrained(staging)
+        if options.get("verify"):
+            facts.verification = options["verify"](staging)
+        card = render_model_card(model.config, facts, options.get("source_license"))
+        (staging / "README.md").write_text(card, encoding="utf-8")
         _check_output_dir(output_dir, source, overwrite)  # again: another process may have written there meanwhile
         if target.exists():
             _remove_conversion(target)
@@ -1108,16 +750,26 @@ def write_conversion(model, facts: CardFacts, output_dir: Path, source: Path | N
 
 def publish(model, output_dir: Path, push_to_hub: str | None = None, onnx_path=None):
     """What follows a written folder: the ONNX export and the upload (the folder is complete if either fails)."""
+    from huggingface_hub import create_repo, upload_folder
+
     if onnx_path:
         difference = export_onnx(model, onnx_path)
         print(f"wrote {onnx_path}: largest |onnxruntime - eager| on a random batch {difference:.3g}")
     if push_to_hub:
-        try:
-            push_folder_to_hub(output_dir, push_to_hub)
+        try:  # the folder is already the repository: it is uploaded as it is
+            create_repo(push_to_hub, exist_ok=True)
+            upload_folder(repo_id=push_to_hub, folder_path=str(output_dir), commit_message="Convert a ViT checkpoint")
         except Exception as error:  # network, credentials, offline mode: the folder itself is complete
             raise ConversionError(
                 f"wrote {output_dir}, but uploading it to {push_to_hub} failed ({type(error).__name__}: {error})"
             ) from None
+
+
+def _merging_flags(config: ConformerConfig) -> str:
+    if config.merge_mode == "none":
+        return ""
+    merge_r = ",".join(map(str, config.merge_r)) if isinstance(config.merge_r, list) else config.merge_r
+    return f" --merge_mode {config.merge_mode} --merge_r {merge_r}"
 
 
 def convert(
@@ -1140,19 +792,28 @@ def convert(
     a previous conversion wrote. `onnx_path`: also export the model, merging as configured, to this ONNX file.
     """
     npz_path, output_dir = Path(npz_path), Path(output_dir)
-    _check_output_dir(output_dir, npz_path, overwrite)
-    if onnx_path:
-        _check_onnx_path(Path(onnx_path), overwrite)
+    _check_outputs(output_dir, npz_path, overwrite, onnx_path)
+    options = dict(model_type=model_type, image_size=image_size, num_labels=num_labels, id2label=id2label)
     with load_npz(npz_path) as params:
-        model, architecture = _convert(params, image_size, num_labels, id2label, model_type, **config_overrides)
+        model, architecture = _convert(params, **options, **config_overrides)
+    config = model.config
+    # The command that reproduces this conversion (file names only).
+    command = f"python convert_npz_to_hf.py --npz_path {npz_path.name} --output_dir {output_dir.name}"
+    command += f" --model_type {model_type}" * bool(model_type)
+    command += f" --image_size {config.image_size}" * (config.image_size != architecture.image_size)
+    if id2label is not None:
+        command += " --id2label labels.json"
+    elif config.num_labels != architecture.num_classes:
+        command += f" --num_labels {config.num_labels}"
+    command += _merging_flags(config) + f" --classifier {config.classifier}" * (config.classifier != "token")
     facts = CardFacts(
         model_type=architecture.model_type,
         source_file=npz_path.name,
         pretrained_classes=architecture.num_classes,
         source_image_size=architecture.image_size,
-        keep_head=keeps_checkpoint_head(model.config, architecture),
+        keep_head=keeps_checkpoint_head(config, architecture),
         repo_id=push_to_hub or "path/to/this/folder",
-        command=_command_line(npz_path, output_dir, model.config, architecture, model_type, id2label is not None),
+        command=command + " --verify",
     )
     check = partial(verify_folder, npz_path=npz_path, architecture=architecture) if verify else None
     write_conversion(model, facts, output_dir, npz_path, overwrite, verify=check)
@@ -1168,10 +829,6 @@ def convert(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _local_folder(source) -> Path | None:
-    return Path(source) if isinstance(source, (str, os.PathLike)) and Path(source).is_dir() else None
-
-
 def source_image_processor(source, config: ConformerConfig):
     """The source's own image processor when its folder (or Hub repo) has one and the resolution is unchanged;
     otherwise `ViTImageProcessor` at the model's size, with the source processor's statistics if it has some."""
@@ -1182,7 +839,7 @@ def source_image_processor(source, config: ConformerConfig):
         try:
             processor = AutoImageProcessor.from_pretrained(source)
         except (OSError, ValueError):  # no preprocessor_config.json
-            processor = None
+            pass
     source_size = getattr(getattr(source, "config", None), "image_size", None)
     if processor is not None and source_size in (None, config.image_size):
         return processor
@@ -1195,9 +852,8 @@ def source_license(source) -> str | None:
 
     if not isinstance(source, (str, os.PathLike)):
         return None
-    folder = _local_folder(source)
     try:
-        return ModelCard.load(folder / "README.md" if folder else source).data.license
+        return ModelCard.load(Path(source, "README.md") if Path(source).is_dir() else source).data.license
     except Exception:  # no card, offline, not a repo: the card then names no license
         return None
 
@@ -1215,17 +871,16 @@ def convert_transformers(
 
     `config_overrides` go to `ConformerForImageClassification.from_transformers` (`merge_mode`, `merge_r`,
     `image_size`, `num_labels`, `classifier`, ...); the card names the source as its base model."""
-    output_dir, folder = Path(output_dir), _local_folder(source)
-    _check_output_dir(output_dir, folder, overwrite)
-    if onnx_path:
-        _check_onnx_path(Path(onnx_path), overwrite)
+    from transformers import AutoConfig
+
+    is_path = isinstance(source, (str, os.PathLike))
+    output_dir, folder = Path(output_dir), Path(source) if is_path and Path(source).is_dir() else None
+    _check_outputs(output_dir, folder, overwrite, onnx_path)
     try:
         model = ConformerForImageClassification.from_transformers(source, **config_overrides).eval()
     except (TypeError, ValueError, StrictDataclassError) as error:  # an unsupported class, a bad override
-        raise ConversionError(" ".join(str(error).split())) from None
-    if isinstance(source, (str, os.PathLike)):
-        from transformers import AutoConfig
-
+        raise ConversionError(str(error)) from None
+    if is_path:
         source_config = AutoConfig.from_pretrained(source)
         name, source_class = str(source), source_config.architectures[0]
     else:
@@ -1246,7 +901,7 @@ def convert_transformers(
         and model.config.num_labels == source_config.num_labels
         and "classifier" not in config_overrides,
         repo_id=push_to_hub or "path/to/this/folder",
-        command=" ".join([command, *_merging_flags(model.config)]),
+        command=command + _merging_flags(model.config),
         source_class=source_class,
         preprocessing=f"`{type(processor).__name__}` (mean {processor.image_mean}, std {processor.image_std})",
         reference=f"`{source_class}`",
@@ -1303,33 +958,6 @@ def export_onnx(model, path, tolerance: float = 1e-4) -> float:
     if not difference <= tolerance * max(1.0, expected.abs().max().item()):  # NaN fails too
         raise ConversionError(f"ONNX export of {path} differs from eager by {difference:.3g} on a random batch")
     return difference
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Model cards of the released checkpoints
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def seed_model_card(model_type: str) -> str:
-    """The card of Google's ImageNet-21k checkpoint `model_type` (224 px, tanh pre-logits, 21,843 classes) as this
-    converter writes it with default options; no weights are needed."""
-    width = PRESETS[model_type]["hidden_size"]
-    config = ConformerConfig.from_preset(
-        model_type, image_size=224, num_labels=IMAGENET_21K_CLASSES, representation_size=width
-    )
-    file_name = UPSTREAM_FILE_NAMES.get(model_type, model_type) + ".npz"
-    command = f"python convert_npz_to_hf.py --npz_path {file_name} --output_dir {model_type}-conformer --verify"
-    facts = CardFacts(model_type, file_name, IMAGENET_21K_CLASSES, 224, keep_head=True, command=command)
-    return render_model_card(config, facts)
-
-
-def write_model_cards(directory="model_cards") -> list[Path]:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = [directory / f"{model_type}.md" for model_type in SEED_CHECKPOINTS]
-    for model_type, path in zip(SEED_CHECKPOINTS, paths):
-        path.write_text(seed_model_card(model_type), encoding="utf-8")
-    return paths
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1424,22 +1052,12 @@ def main(argv=None) -> int:
         common = dict(overwrite=args.overwrite, push_to_hub=args.push_to_hub, onnx_path=args.export_onnx)
         common.update(merge_mode=args.merge_mode, merge_r=merge_r)
         if args.npz_path:
-            output_dir = convert(
-                args.npz_path,
-                args.output_dir,
-                model_type=args.model_type,
-                image_size=args.image_size,
-                num_labels=args.num_labels,
-                id2label=id2label,
-                verify=args.verify,
-                classifier=args.classifier or "token",
-                **common,
-            )
+            options = dict(model_type=args.model_type, image_size=args.image_size, num_labels=args.num_labels)
+            options.update(id2label=id2label, verify=args.verify, classifier=args.classifier or "token")
+            output_dir = convert(args.npz_path, args.output_dir, **options, **common)
+        elif args.model_type or args.verify:
+            raise ConversionError("--model_type and --verify check an .npz against timm; not for a transformers model")
         else:
-            if args.model_type or args.verify:
-                raise ConversionError(
-                    "--model_type and --verify check an .npz against timm; not for a transformers model"
-                )
             overrides = dict(image_size=args.image_size, num_labels=args.num_labels, classifier=args.classifier)
             if id2label is not None:
                 overrides.update(id2label=id2label, num_labels=len(id2label))

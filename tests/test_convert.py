@@ -25,6 +25,7 @@ from timm.models.vision_transformer import VisionTransformer, _load_weights
 from timm.models.vision_transformer_hybrid import _resnetv2
 
 import convert_npz_to_hf as converter
+import model_card
 from configuration_conformer import CLASSIFIERS, MERGE_MODES, ConformerConfig
 from modeling_conformer import ConformerForImageClassification
 
@@ -222,14 +223,14 @@ def test_model_card_yaml_holds_hub_fields_and_merging(tmp_path):
 
 def test_model_card_of_a_fine_tuned_release_holds_upstream_accuracy():
     config = ConformerConfig.from_preset("R50-ViT-B_16", image_size=384, num_labels=1000)
-    facts = converter.CardFacts(
+    facts = model_card.CardFacts(
         model_type="R50-ViT-B_16",
         source_file="R50+ViT-B_16.npz",
         pretrained_classes=1000,
         source_image_size=384,
         keep_head=True,
     )
-    metadata = ModelCard(converter.render_model_card(config, facts)).data.to_dict()
+    metadata = ModelCard(model_card.render_model_card(config, facts)).data.to_dict()
     assert metadata["datasets"] == ["imagenet-21k", "imagenet-1k"]
     result = metadata["model-index"][0]["results"][0]
     assert result["dataset"]["type"] == "imagenet-1k"
@@ -240,7 +241,7 @@ def test_model_card_of_a_fine_tuned_release_holds_upstream_accuracy():
 def test_model_cards_directory_is_what_the_converter_generates(tmp_path, capsys):
     assert converter.main(["--write_model_cards", str(tmp_path)]) == 0
     committed = REPO_DIR / "model_cards"
-    expected_names = {f"{model_type}.md" for model_type in converter.SEED_CHECKPOINTS}
+    expected_names = {f"{model_type}.md" for model_type in model_card.SEED_CHECKPOINTS}
     assert {path.name for path in committed.glob("*.md")} == expected_names
     for name in sorted(expected_names):
         assert (committed / name).read_text(encoding="utf-8") == (tmp_path / name).read_text(encoding="utf-8"), (
