@@ -519,15 +519,13 @@ def write_model_card(args: TrainingArguments, eval_results: list[dict], base_mod
 
     name = os.path.basename(os.path.normpath(args.output_dir))
     evaluation = next((entry for entry in reversed(eval_results) if "eval_accuracy" in entry), None)
-    results = []
-    if evaluation is not None:
-        results.append(
-            EvalResult(
-                task_type="image-classification", task_name="Image classification", dataset_type=dataset,
-                dataset_name=dataset, dataset_split="validation", metric_type="accuracy", metric_name="Accuracy",
-                metric_value=round(evaluation["eval_accuracy"], 4),
-            )
-        )  # fmt: skip
+    results = [
+        EvalResult(
+            task_type="image-classification", task_name="Image classification", dataset_type=dataset,
+            dataset_name=dataset, dataset_split="validation", metric_type="accuracy", metric_name="Accuracy",
+            metric_value=round(evaluation["eval_accuracy"], 4),
+        )
+    ] if evaluation else None  # fmt: skip
 
     def hub_id_of(source):  # a local folder is not on the Hub even when its path looks like `org/name`
         return None if source is None or os.path.exists(source) else hub_id(source)
@@ -536,7 +534,7 @@ def write_model_card(args: TrainingArguments, eval_results: list[dict], base_mod
         model_name=name, base_model=hub_id_of(base_model),
         datasets=[dataset] if dataset != "digits" and hub_id_of(dataset) else None,  # digits: scikit-learn's own
         license="apache-2.0", library_name="transformers", pipeline_tag="image-classification",
-        tags=["image-classification", "vision", "conformer", "token-merging"], eval_results=results or None,
+        tags=["image-classification", "vision", "conformer", "token-merging"], eval_results=results,
     )  # fmt: skip
     merging = f"`{config.merge_mode}` merging, r = {config.merge_r}" if config.merge_mode != "none" else "no merging"
     text = CARD_TEXT.format(
