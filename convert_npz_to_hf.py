@@ -430,6 +430,13 @@ def _resolve_labels(num_labels: int | None, id2label: dict | None, checkpoint_cl
     return num_labels, id2label
 
 
+def label_maps(id2label: dict[int, str] | None) -> dict:
+    """The config fields of named classes: `id2label` and its inverse `label2id` (none without names)."""
+    if id2label is None:
+        return {}
+    return {"id2label": id2label, "label2id": {name: index for index, name in id2label.items()}}
+
+
 def infer_config(
     params: Mapping[str, np.ndarray],
     model_type: str | None = None,
@@ -465,8 +472,7 @@ def infer_config(
     fields = {name: getattr(architecture, name) for name in (*SHAPE_FIELDS, "num_channels")}
     # The exact erf GELU, as timm; Google's Flax used the tanh approximation.
     fields.update(hidden_act="gelu", layer_norm_eps=1e-6, qkv_bias=True, image_size=image_size, num_labels=num_labels)
-    if id2label is not None:
-        fields.update(id2label=id2label, label2id={name: index for index, name in id2label.items()})
+    fields.update(label_maps(id2label))
     try:
         config = ConformerConfig(**{**fields, **overrides})
     except (TypeError, ValueError, StrictDataclassError) as error:
@@ -569,7 +575,7 @@ def timm_reference(npz_path, config: ConformerConfig, architecture: CheckpointAr
     `preact=False`, `stem_type="same"`, as `vit_base_r50_s16_224` builds it), loaded by timm's `_load_weights`.
 
     timm has no `pre_logits` layer (its loader skips those arrays), so the reference has timm's head only when ours is
-    the checkpoint's own head without pre-logits; `compare_with_timm` computes the pre-logits case by hand.
+    the checkpoint's own head without pre-logits; `verify_folder` computes the pre-logits case by hand.
     """
     from timm.layers import HybridEmbed
     from timm.models.vision_transformer import VisionTransformer, _load_weights
@@ -597,17 +603,21 @@ def timm_reference(npz_path, config: ConformerConfig, architecture: CheckpointAr
 
 
 @torch.no_grad()
-def compare_with_timm(model, npz_path, architecture, batch_size: int = 2, seed: int = 0) -> dict[str, float]:
-    """Largest differences between `model` (merging switched off) and timm on a random batch in [-1, 1].
+def verify_folder(folder, npz_path, architecture, tolerance: float = 1e-4) -> dict[str, float]:
+    """Load `folder` as a user would (remote code) and compare it with timm on a random batch in [-1, 1].
 
-    Returns `features` (final normed tokens) and, where timm gives the same head, `logits`: timm's head, or with
-    `pre_logits` `head(tanh(W·cls + b))` computed by hand from the npz arrays; `scale` is the reference's largest value.
-    """
+    Returns the largest differences: `features` (the final normed tokens) and, where timm gives the same head,
+    `logits` (timm's head, or with `pre_logits` `head(tanh(W·cls + b))` computed by hand from the npz arrays); `scale`
+    is the reference's largest value. Raises if an output is not finite or differs by more than `tolerance` times the
+    scale (at least 1)."""
+    from transformers import AutoModelForImageClassification
+
+    # The weights are what is verified: merging changes the token count, so it is switched off for the comparison.
+    model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True, merge_mode="none").eval()
     config = model.config
     reference = timm_reference(npz_path, config, architecture)
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.rand(batch_size, config.num_channels, config.image_size, config.image_size, generator=generator)
-    pixels = pixels * 2 - 1
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.rand(2, config.num_channels, config.image_size, config.image_size, generator=generator) * 2 - 1
     tokens = reference.forward_features(pixels)  # [batch, tokens, hidden], after the final norm
     ours = model.conformer(pixels).last_hidden_state
     result = {"features": (ours - tokens).abs().max().item(), "scale": tokens.abs().max().item()}
@@ -623,17 +633,6 @@ def compare_with_timm(model, npz_path, architecture, batch_size: int = 2, seed: 
             expected = torch.tanh(pooled @ pre_weight + pre_bias) @ weight + bias
         result["logits"] = (model(pixels).logits - expected).abs().max().item()
         result["scale"] = expected.abs().max().item()
-    return result
-
-
-def verify_folder(folder, npz_path, architecture, tolerance: float = 1e-4) -> dict[str, float]:
-    """Load `folder` as a user would (remote code) and compare it with timm; raise if an output is not finite or
-    differs by more than `tolerance` times the reference's scale (at least 1)."""
-    from transformers import AutoModelForImageClassification
-
-    # The weights are what is verified: merging changes the token count, so it is switched off for the comparison.
-    model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True, merge_mode="none").eval()
-    result = compare_with_timm(model, npz_path, architecture)
     if not all(math.isfinite(value) for value in result.values()):
         raise ConversionError("verification failed: the outputs on a random batch are not finite (NaN or inf)")
     limit = tolerance * max(1.0, result["scale"])
@@ -674,9 +673,10 @@ def _remove_conversion(folder: Path):
     folder.rmdir()
 
 
-def _check_output_dir(output_dir: Path, source: Path | None, overwrite: bool):
+def _check_output_dir(output_dir: Path, source: Path | None, overwrite: bool, onnx_path=None):
     """Refuse an `--output_dir` that holds the source (checkpoint file or folder) or the working directory, is a
-    file, or holds anything but a previous conversion (without `overwrite`: anything at all)."""
+    file, or holds anything but a previous conversion (without `overwrite`: anything at all); and an `onnx_path` whose
+    file or `.data` file (the weights) exists, without `overwrite`."""
     target, cwd = output_dir.resolve(), Path.cwd().resolve()
     sources = (source.resolve(), *source.resolve().parents) if source is not None else ()
     if target in (cwd, *cwd.parents, *sources):
@@ -685,6 +685,9 @@ def _check_output_dir(output_dir: Path, source: Path | None, overwrite: bool):
         )
     if output_dir.exists() and not output_dir.is_dir():
         raise ConversionError(f"--output_dir {output_dir} exists and is not a directory")
+    for existing in (Path(onnx_path), Path(f"{onnx_path}.data")) if onnx_path else ():
+        if existing.is_dir() or (existing.exists() and not overwrite):
+            raise ConversionError(f"--export_onnx {onnx_path}: {existing} exists (pass --overwrite to replace it)")
     if not output_dir.is_dir() or not any(output_dir.iterdir()):
         return
     if not overwrite:
@@ -697,16 +700,6 @@ def _check_output_dir(output_dir: Path, source: Path | None, overwrite: bool):
         )
 
 
-def _check_outputs(output_dir: Path, source: Path | None, overwrite: bool, onnx_path):
-    """Before converting: the folder as `_check_output_dir`; `--export_onnx` writes `path` and `path.data` (the
-    weights), replacing them only with `overwrite`."""
-    _check_output_dir(output_dir, source, overwrite)
-    if onnx_path:
-        for existing in (Path(onnx_path), Path(f"{onnx_path}.data")):
-            if existing.is_dir() or (existing.exists() and not overwrite):
-                raise ConversionError(f"--export_onnx {onnx_path}: {existing} exists (pass --overwrite to replace it)")
-
-
 def _process_is_running(pid: int) -> bool:
     try:
         os.kill(pid, 0)  # signal 0 only asks whether the process exists
@@ -717,13 +710,20 @@ def _process_is_running(pid: int) -> bool:
     return True
 
 
-def write_conversion(model, facts: CardFacts, output_dir: Path, source: Path | None, overwrite: bool, **options):
+def write_conversion(
+    model,
+    facts: CardFacts,
+    output_dir: Path,
+    source: Path | None,
+    overwrite: bool,
+    processor=None,
+    source_license: str | None = None,
+    verify: Callable[[Path], dict] | None = None,
+):
     """Write the Hub folder of a conversion to `output_dir`, all or nothing: config.json (with `auto_map`),
     model.safetensors, the two remote-code files (`save_pretrained` copies them, as the classes are registered),
-    preprocessor_config.json and README.md. It is staged beside `output_dir` and moved into place only once complete.
-
-    `options`: `processor` (default `image_processor`), `source_license` for the card, and `verify(staged folder) ->
-    differences`, whose result enters the card."""
+    preprocessor_config.json (`processor`, default `image_processor`) and README.md. It is staged beside `output_dir`
+    and moved into place only once complete. `verify(staged folder) -> differences`: its result enters the card."""
     target = output_dir.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}{STAGING_MARK}*"):  # left by killed conversions to `target`
@@ -734,10 +734,10 @@ def write_conversion(model, facts: CardFacts, output_dir: Path, source: Path | N
     try:
         staging.mkdir()
         model.save_pretrained(staging)
-        (options.get("processor") or image_processor(model.config)).save_pretrained(staging)
-        if options.get("verify"):
-            facts.verification = options["verify"](staging)
-        card = render_model_card(model.config, facts, options.get("source_license"))
+        (processor or image_processor(model.config)).save_pretrained(staging)
+        if verify:
+            facts.verification = verify(staging)
+        card = render_model_card(model.config, facts, source_license)
         (staging / "README.md").write_text(card, encoding="utf-8")
         _check_output_dir(output_dir, source, overwrite)  # again: another process may have written there meanwhile
         if target.exists():
@@ -792,7 +792,7 @@ def convert(
     a previous conversion wrote. `onnx_path`: also export the model, merging as configured, to this ONNX file.
     """
     npz_path, output_dir = Path(npz_path), Path(output_dir)
-    _check_outputs(output_dir, npz_path, overwrite, onnx_path)
+    _check_output_dir(output_dir, npz_path, overwrite, onnx_path)
     options = dict(model_type=model_type, image_size=image_size, num_labels=num_labels, id2label=id2label)
     with load_npz(npz_path) as params:
         model, architecture = _convert(params, **options, **config_overrides)
@@ -875,7 +875,7 @@ def convert_transformers(
 
     is_path = isinstance(source, (str, os.PathLike))
     output_dir, folder = Path(output_dir), Path(source) if is_path and Path(source).is_dir() else None
-    _check_outputs(output_dir, folder, overwrite, onnx_path)
+    _check_output_dir(output_dir, folder, overwrite, onnx_path)
     try:
         model = ConformerForImageClassification.from_transformers(source, **config_overrides).eval()
     except (TypeError, ValueError, StrictDataclassError) as error:  # an unsupported class, a bad override
@@ -1059,10 +1059,9 @@ def main(argv=None) -> int:
             raise ConversionError("--model_type and --verify check an .npz against timm; not for a transformers model")
         else:
             overrides = dict(image_size=args.image_size, num_labels=args.num_labels, classifier=args.classifier)
-            if id2label is not None:
-                overrides.update(id2label=id2label, num_labels=len(id2label))
-                overrides["label2id"] = {name: index for index, name in id2label.items()}
             overrides = {key: value for key, value in overrides.items() if value is not None}
+            if id2label is not None:
+                overrides.update(label_maps(id2label), num_labels=len(id2label))
             output_dir = convert_transformers(args.from_transformers, args.output_dir, **common, **overrides)
     except (ValueError, OSError) as error:  # OSError: disk full, permissions; still one line
         print("error: " + " ".join(str(error).split()), file=sys.stderr)
