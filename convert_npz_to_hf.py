@@ -32,12 +32,11 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 
 from configuration_conformer import CLASSIFIERS, MERGE_MODES, PRESETS, ConformerConfig
-from model_card import (  # noqa: F401  (hub_id: the training script's card imports it from here)
+from model_card import (
     IMAGENET_1K_CLASSES,
     SEED_CHECKPOINTS,
     UPSTREAM_FILE_NAMES,
     CardFacts,
-    hub_id,
     render_model_card,
     write_model_cards,
 )
@@ -533,7 +532,9 @@ def _convert(params: Mapping, **options) -> tuple[ConformerForImageClassificatio
     reader = CheckpointReader(params)
     config, architecture = infer_config(reader, **options)
     try:
-        model = ConformerForImageClassification(config)
+        with torch.random.fork_rng():  # a head the checkpoint does not give starts the same in every conversion
+            torch.manual_seed(0)
+            model = ConformerForImageClassification(config)
     except (ValueError, StrictDataclassError) as error:  # e.g. a merge schedule the token count cannot support
         raise ConversionError(str(error)) from None
     # Bilinear, as timm's `_load_weights`, so a resized model stays equal to timm's (Google's fine-tuning code used
@@ -877,7 +878,9 @@ def convert_transformers(
     output_dir, folder = Path(output_dir), Path(source) if is_path and Path(source).is_dir() else None
     _check_output_dir(output_dir, folder, overwrite, onnx_path)
     try:
-        model = ConformerForImageClassification.from_transformers(source, **config_overrides).eval()
+        with torch.random.fork_rng():  # a new head starts the same in every conversion
+            torch.manual_seed(0)
+            model = ConformerForImageClassification.from_transformers(source, **config_overrides).eval()
     except (TypeError, ValueError, StrictDataclassError) as error:  # an unsupported class, a bad override
         raise ConversionError(str(error)) from None
     if is_path:

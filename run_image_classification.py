@@ -39,7 +39,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, 
 from transformers.training_args import OptimizerNames
 
 from configuration_conformer import CLASSIFIERS, MERGE_MODES, PRESETS, ConformerConfig
-from convert_npz_to_hf import convert_checkpoint, hub_id, image_processor, parse_merge_r
+from convert_npz_to_hf import convert_checkpoint, image_processor, parse_merge_r
 from image_data import (
     IMAGE_COLUMN_NAMES,
     LABEL_COLUMN_NAMES,
@@ -49,6 +49,7 @@ from image_data import (
     collate_fn,
     load_image_dataset,
 )
+from model_card import hub_id
 from modeling_conformer import SOURCE_CLASSES, ConformerForImageClassification, adapt_state_dict
 
 logger = logging.getLogger(__name__)

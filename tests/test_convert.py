@@ -136,6 +136,18 @@ def test_new_num_labels_gives_zero_head_without_pre_logits(tmp_path):
     assert (model.config.merge_mode, model.config.merge_r) == ("bipartite", 2)
 
 
+def test_a_new_cnn_head_starts_the_same_in_every_conversion_and_leaves_the_callers_random_state(plain_npz):
+    torch.manual_seed(1)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(1)
+    first = converter.convert_checkpoint(plain_npz, num_labels=3, classifier="cnn").state_dict()
+    assert torch.equal(torch.rand(3), expected_draw)  # the conversion drew from a random state of its own
+    second = converter.convert_checkpoint(plain_npz, num_labels=3, classifier="cnn").state_dict()
+    cnn_keys = [key for key in first if key.startswith("cnn_head.")]
+    assert cnn_keys and any(first[key].std() > 0 for key in cnn_keys)  # randomly initialised, not zeros
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
 def test_infer_config_reads_architecture_from_shapes():
     params = google_vit_params(representation_size=24, backbone_depths=[1, 1])
     config, _ = converter.infer_config(params)
