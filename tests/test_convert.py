@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY_VIT, google_vit_params
+from conftest import HUB_FOLDER_FILES, TINY_VIT, google_vit_params
 from huggingface_hub import ModelCard
 from timm.layers import HybridEmbed
 from timm.models.vision_transformer import VisionTransformer, _load_weights
@@ -177,14 +177,7 @@ def test_convert_writes_a_hub_folder_that_loads_in_a_fresh_process(tmp_path, cap
     path = write_npz(tmp_path / "R50+tiny.npz", google_vit_params(backbone_depths=[1, 1]))
     out = converter.convert(path, tmp_path / "out", verify=True, merge_mode="submodular", merge_r=2)
 
-    assert sorted(p.name for p in out.iterdir()) == [
-        "README.md",
-        "config.json",
-        "configuration_conformer.py",
-        "model.safetensors",
-        "modeling_conformer.py",
-        "preprocessor_config.json",
-    ]
+    assert sorted(p.name for p in out.iterdir()) == HUB_FOLDER_FILES
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
     assert "verify: largest |ours - timm|" in capsys.readouterr().out
     auto_map = json.loads((out / "config.json").read_text())["auto_map"]

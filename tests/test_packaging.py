@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import HUB_FOLDER_FILES
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 SCRIPTS = ("conformer-convert", "conformer-train", "conformer-visualize")
@@ -83,14 +84,7 @@ def test_installed_convert_writes_a_folder_and_card_from_outside_the_repository(
     result = run_installed(site, "conformer-convert", "--npz_path", str(npz), "--output_dir", "out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == [
-        "README.md",
-        "config.json",
-        "configuration_conformer.py",
-        "model.safetensors",
-        "modeling_conformer.py",
-        "preprocessor_config.json",
-    ]
+    assert sorted(p.name for p in out.iterdir()) == HUB_FOLDER_FILES
     # The remote code it ships is the installed module's.
     assert (out / "modeling_conformer.py").read_text() == (site / "modeling_conformer.py").read_text()
     assert json.loads((out / "config.json").read_text())["model_type"] == "conformer"
