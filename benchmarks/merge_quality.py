@@ -78,16 +78,27 @@ def max_r(num_tokens: int, name: str) -> int:
     return num_tokens - 2 if name == SKLEARN_WARD else max_merge_r(num_tokens, name)
 
 
-def ms_per_call(function, metric, size, r, calls: int) -> float:
-    """Median milliseconds of one matching call (closures built, nothing merged yet)."""
-    calls = max(1, calls // 10) if function is sklearn_ward else calls
-    function(metric, r, size)
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        function(metric, r, size)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+def ms_per_call(functions: dict, metric, size, r, calls: int, feature_channels: int) -> dict:
+    """Median milliseconds of one layer's merge per mode: the matching, then `merge_wavg` of [batch, tokens,
+    feature_channels] features, as a layer runs them. The modes take turns call by call, so the machine's noise falls
+    on all of them alike; scikit-learn (seconds per batch) runs one call in ten."""
+    features = torch.randn(*metric.shape[:2], feature_channels)
+
+    def one_layer(function):
+        merge, _ = function(metric, r, size)
+        merge_wavg(merge, features, size)
+
+    times = {name: [] for name in functions}
+    for function in functions.values():
+        one_layer(function)  # warm-up
+    for call in range(calls):
+        for name, function in functions.items():
+            if function is sklearn_ward and call % 10:
+                continue
+            start = time.perf_counter()
+            one_layer(function)
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(values) for name, values in times.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -190,7 +201,7 @@ def digits_sets(model_dir: str, num_images: int) -> dict:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def evaluate(sets: dict, functions: dict, r_values: list[int], timing_calls: int) -> list[dict]:
+def evaluate(sets: dict, functions: dict, r_values: list[int], timing_calls: int, feature_channels: int) -> list[dict]:
     """One row per data set, r and mode: mean scatter, mean ratio to bipartite's on the same batch, ms per call."""
     rows = []
     for data_name, batches in sets.items():
@@ -204,11 +215,12 @@ def evaluate(sets: dict, functions: dict, r_values: list[int], timing_calls: int
                     name: [merge_scatter(metric, size, *function(metric, r, size)) for metric, size in batches]
                     for name, function in functions.items()
                 }
-                for name, function in functions.items():
+                timing = ms_per_call(functions, *batches[0], r, timing_calls, feature_channels)
+                for name in functions:
                     ratios = [value / base for value, base in zip(scatter[name], scatter[REFERENCE_MODE])]
                     row = {"data": data_name, "tokens": num_tokens, "r": r, "mode": name}
                     row |= {"scatter": statistics.mean(scatter[name]), "ratio": statistics.mean(ratios)}
-                    row["ms/call"] = ms_per_call(function, *batches[0], r, timing_calls)
+                    row |= {"ms/call": timing[name], "time ratio": timing[name] / timing[REFERENCE_MODE]}
                     rows.append(row)
             print(f"  {data_name} r={r} done", flush=True)
     return rows
@@ -267,13 +279,18 @@ def parse_args(argv=None):
     parser.add_argument("--digits_images", type=int, default=32, help="digits test images per batch of keys")
     parser.add_argument("--no_reference", action="store_true", help="leave out the scikit-learn Ward reference")
     parser.add_argument("--timing_calls", type=int, default=20, help="calls timed per row (median reported)")
+    parser.add_argument("--feature_channels", type=int, default=384, help="features merge_wavg merges (ViT-S: 384)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: leave torch's default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random ViT-S_16")
     args = parser.parse_args(argv)
     if REFERENCE_MODE not in args.modes:
         parser.error(f"--modes must include {REFERENCE_MODE}: ratios are taken against it")
-    if min(args.seeds, args.batch_size, args.num_tokens, args.channels, args.digits_images, args.timing_calls) <= 0:
-        parser.error("--seeds, --batch_size, --num_tokens, --channels, --digits_images, --timing_calls: positive")
+    counts = (args.seeds, args.batch_size, args.num_tokens, args.channels, args.digits_images, args.timing_calls)
+    if min(*counts, args.feature_channels) <= 0:
+        parser.error(
+            "--seeds, --batch_size, --num_tokens, --channels, --digits_images, --timing_calls and --feature_channels "
+            "must be positive"
+        )
     if min(args.r_values) <= 0 or args.num_tokens < 3:
         parser.error("--r_values must be positive and --num_tokens at least 3")
     return args
@@ -281,12 +298,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    set_up_cpu(args.threads, keep_memory=False)
+    set_up_cpu(args.threads)  # glibc keeps freed memory, as in the model timings
     functions = matching_functions(args.modes, reference=not args.no_reference)
     sets = synthetic_sets(args.seeds, args.batch_size, args.num_tokens, args.channels)
     sets |= {} if args.skip_photos else photo_sets(args.photo_layers, args.seed)
     sets |= digits_sets(args.digits_model, args.digits_images) if args.digits_model else {}
-    rows = evaluate(sets, functions, args.r_values, args.timing_calls)
+    rows = evaluate(sets, functions, args.r_values, args.timing_calls, args.feature_channels)
     names = [name for name in functions if name != REFERENCE_MODE]
 
     settings = (
@@ -296,12 +313,14 @@ def main(argv=None):
         f"scikit-image photographs at 224 px; digits: {args.digits_images} test images). {environment_line()}.\n\n"
         "scatter: size-weighted within-group scatter of the unit metric vectors after one merge of r tokens, mean over "
         "the batch (and the batches of a row). ratio: scatter over bipartite's on the same batch, averaged. ms/call: "
-        f"median time of one matching call on the row's first batch. {SKLEARN_WARD}: scikit-learn's Ward clustering "
+        f"median time of one layer's merge on the row's first batch (the matching, then `merge_wavg` of "
+        f"{args.feature_channels}-channel features), the modes timed in turn; time ratio: over bipartite's. "
+        f"{SKLEARN_WARD}: scikit-learn's Ward clustering "
         "per image (ATC's route), the floor agglomeration reaches; not a model mode, and it ignores token sizes."
     )
-    columns = ["data", "tokens", "r", "mode", "scatter", "ratio", "ms/call"]
+    columns = ["data", "tokens", "r", "mode", "scatter", "ratio", "ms/call", "time ratio"]
     sections = [
-        ("Per data set and r", rows, columns, {"scatter": 2, "ratio": 3, "ms/call": 2}),
+        ("Per data set and r", rows, columns, {"scatter": 2, "ratio": 3, "ms/call": 2, "time ratio": 2}),
         ("Mean ratio over r, per data set", mean_ratios(rows, names), ["data"] + names, {}),
     ]
     print(
