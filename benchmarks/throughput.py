@@ -31,6 +31,7 @@ from common import (
 from transformers import ViTConfig, ViTForImageClassification, set_seed
 
 from configuration_conformer import PRESETS, ConformerConfig
+from convert_npz_to_hf import timm_vit
 from modeling_conformer import ConformerForImageClassification, merge_schedule
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -67,17 +68,7 @@ def build_model(name: str, config: ConformerConfig, mode: str, schedule: list[in
         merging = dict(merge_mode=mode, merge_r=list(schedule))
         return ConformerForImageClassification.from_transformers(model, attn_implementation="sdpa", **merging)
     if name == "timm ViT":
-        from timm.models.vision_transformer import VisionTransformer
-
-        return VisionTransformer(
-            img_size=config.image_size,
-            patch_size=config.patch_size,
-            embed_dim=config.hidden_size,
-            depth=config.num_hidden_layers,
-            num_heads=config.num_attention_heads,
-            mlp_ratio=config.intermediate_size / config.hidden_size,
-            num_classes=config.num_labels,
-        )
+        return timm_vit(config)
     if name == "transformers ViT":
         shape = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size")
         vit_config = ViTConfig(**{key: getattr(config, key) for key in shape}, patch_size=config.patch_size)
