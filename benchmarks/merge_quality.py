@@ -144,11 +144,12 @@ def synthetic_sets(seeds: int, batch_size: int, num_tokens: int, channels: int) 
 
 
 def capture_keys(model, pixel_values, layers: list[int]) -> list[torch.Tensor]:
-    """The merge metric (keys averaged over heads) of the given layers of an unmerged Conformer."""
+    """The merge metric (keys averaged over heads: [batch, tokens, head_dim]) of the given layers of an unmerged
+    Conformer, as `ConformerLayer` computes it from the attention's keys [batch, heads, tokens, head_dim]."""
     captured = {}
     hooks = [
         model.conformer.layers[layer].attention.register_forward_hook(
-            lambda module, inputs, output, layer=layer: captured.__setitem__(layer, output[2])
+            lambda module, inputs, output, layer=layer: captured.__setitem__(layer, output[2].mean(dim=1))
         )
         for layer in layers
     ]

@@ -16,8 +16,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import common  # noqa: E402
 import merge_frontier  # noqa: E402
+import merge_quality  # noqa: E402
 
 from configuration_conformer import ConformerConfig  # noqa: E402
+from modeling_conformer import ConformerForImageClassification  # noqa: E402
 
 
 def test_encoder_macs_by_hand():
@@ -122,3 +124,19 @@ def test_gpu_check_refuses_an_unknown_argument():
     result = run_gpu_check("--fast")
     assert result.returncode == 2
     assert result.stderr.strip() == "error: unknown argument --fast (the only option is --cpu)"
+
+
+def test_captured_keys_are_the_layers_keys_averaged_over_heads_by_hand():
+    torch.manual_seed(0)
+    config = ConformerConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8
+    )
+    model = ConformerForImageClassification(config).eval()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    (captured,) = merge_quality.capture_keys(model, pixel_values, [0])
+    layer = model.conformer.layers[0]
+    with torch.no_grad():
+        hidden = model.conformer.embeddings(pixel_values)
+        keys = layer.attention.k_proj(layer.layernorm_before(hidden)).view(2, 17, 4, 8)  # [batch, tokens, heads, dim]
+    assert captured.shape == (2, 17, 8)
+    torch.testing.assert_close(captured, keys.mean(dim=2))
