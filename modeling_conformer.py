@@ -43,13 +43,18 @@ def _identity(x, mode=None):
     return x
 
 
+def _flat_rows(index: torch.LongTensor, rows_per_image: int) -> torch.LongTensor:
+    """`index` [batch, n] of rows within each image, as one index [batch * n] into the batch's rows flattened to
+    [batch * rows_per_image]. `index_add_`/`index_select` on it move whole channel rows, several times faster on a CPU
+    than `scatter_add_`/`gather` along dim 1 with an index expanded over the channels."""
+    offsets = rows_per_image * torch.arange(index.shape[0], device=index.device)[:, None]
+    return (index + offsets).reshape(-1)
+
+
 def _merge_by_destination(destination: torch.LongTensor, num_out: int):
     """Build `(merge, unmerge)` from `destination` [batch, tokens], whose values cover 0..num_out-1."""
     batch, num_tokens = destination.shape
-    # Rows of the batch flattened into one index: `index_add_`/`index_select` move whole channel rows, several times
-    # faster on a CPU than `scatter_add_`/`gather` along dim 1 with an index expanded over the channels.
-    offsets = torch.arange(batch, device=destination.device)[:, None]
-    flat_destination = (destination + offsets * num_out).reshape(-1)  # [batch * tokens] into [batch * num_out]
+    flat_destination = _flat_rows(destination, num_out)  # [batch * tokens] into [batch * num_out]
 
     def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
         channels = x.shape[-1]
@@ -326,10 +331,8 @@ def ward_matching(
                     target = target.gather(1, target)
             moved_weight = group_weight * joins
             taken_weight = torch.zeros_like(group_weight).scatter_add_(1, target, moved_weight)
-            # The batch's rows in one index: `index_add_` moves whole rows, far faster than `scatter_add_` on a CPU.
-            flat_target = (target + num_tokens * torch.arange(batch, device=metric.device)[:, None]).reshape(-1)
             moved = (moved_weight[..., None] * centroid).reshape(-1, channels)
-            taken_sum = torch.zeros_like(centroid).view(-1, channels).index_add_(0, flat_target, moved)
+            taken_sum = torch.zeros_like(moved).index_add_(0, _flat_rows(target, num_tokens), moved)
             new_weight = group_weight + taken_weight
             merged_centroid = (group_weight[..., None] * centroid + taken_sum.view_as(centroid)) / new_weight[..., None]
             centroid = torch.where(joins[..., None], centroid, merged_centroid)
@@ -365,12 +368,11 @@ def _refine_ward(merge_cost, parent, filler, exact, centroid, group_weight, live
     """Each group still live after the round, recorded as a fill into its nearest (`parent`), joins instead the group
     that nearest ended in (itself if it did not move), at the Ward cost against that group's centroid now; these merges
     then rank with the others by cost. Images already exact are left alone."""
-    batch, num_tokens, channels = centroid.shape
+    _, num_tokens, channels = centroid.shape
     nearest = parent
     target = torch.where(live.gather(1, nearest), nearest, parent.gather(1, nearest))  # a round's joins reach a head
     retarget = filler & live & ~exact
-    flat_target = (target + num_tokens * torch.arange(batch, device=target.device)[:, None]).reshape(-1)
-    target_centroid = centroid.reshape(-1, channels).index_select(0, flat_target).view_as(centroid)
+    target_centroid = centroid.reshape(-1, channels).index_select(0, _flat_rows(target, num_tokens)).view_as(centroid)
     distance = (centroid - target_centroid).pow(2).sum(-1)
     cost = distance / (1.0 / group_weight + 1.0 / group_weight.gather(1, target))
     merge_cost = torch.where(retarget, cost, merge_cost)
