@@ -21,7 +21,7 @@ import sys
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -527,13 +527,21 @@ def _state_dict(reader: CheckpointReader, model, architecture) -> dict[str, torc
     return state_dict
 
 
+@contextmanager
+def seeded_new_weights(seed: int = 0):
+    """Weights the source does not give (a new head, a CNN head) start the same in every conversion, drawn from a
+    random state of their own: the caller's is left as it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
+
+
 def _convert(params: Mapping, **options) -> tuple[ConformerForImageClassification, CheckpointArchitecture]:
     """(model, architecture) of the checkpoint `params`; `options` are `infer_config`'s."""
     reader = CheckpointReader(params)
     config, architecture = infer_config(reader, **options)
     try:
-        with torch.random.fork_rng():  # a head the checkpoint does not give starts the same in every conversion
-            torch.manual_seed(0)
+        with seeded_new_weights():
             model = ConformerForImageClassification(config)
     except (ValueError, StrictDataclassError) as error:  # e.g. a merge schedule the token count cannot support
         raise ConversionError(str(error)) from None
@@ -889,8 +897,7 @@ def convert_transformers(
     output_dir, folder = Path(output_dir), Path(source) if is_path and Path(source).is_dir() else None
     _check_output_dir(output_dir, folder, overwrite, onnx_path)
     try:
-        with torch.random.fork_rng():  # a new head starts the same in every conversion
-            torch.manual_seed(0)
+        with seeded_new_weights():
             model = ConformerForImageClassification.from_transformers(source, **config_overrides).eval()
     except (TypeError, ValueError, StrictDataclassError) as error:  # an unsupported class, a bad override
         raise ConversionError(str(error)) from None
