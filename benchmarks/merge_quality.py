@@ -81,7 +81,7 @@ def max_r(num_tokens: int, name: str) -> int:
 def ms_per_call(functions: dict, metric, size, r, calls: int, feature_channels: int) -> dict:
     """Median milliseconds of one layer's merge per mode: the matching, then `merge_wavg` of [batch, tokens,
     feature_channels] features, as a layer runs them. The modes take turns call by call, so the machine's noise falls
-    on all of them alike; scikit-learn (seconds per batch) runs one call in ten."""
+    on all of them alike; scikit-learn (ten times slower) runs one call in ten."""
     features = torch.randn(*metric.shape[:2], feature_channels)
 
     def one_layer(function):

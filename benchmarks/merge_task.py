@@ -176,6 +176,7 @@ def train(model, images, labels, epochs: int, lr: float, seed: int):
     return common_train(model, to_pixel_values(images), labels, epochs, lr, seed, max_shift=0)
 
 
+@torch.inference_mode()
 def predict(model, images, batch_size: int = 250) -> torch.Tensor:
     model.eval()
     return torch.cat(
