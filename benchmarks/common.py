@@ -63,10 +63,13 @@ def markdown_table(rows: list[dict], columns: list[str], digits: dict | None = N
     return "\n".join(lines)
 
 
-def write_results(name: str, title: str, settings: str, sections: list[tuple], notes: list[str] = ()) -> str:
-    """Write `results/{name}.md` (title, settings, a table per `(heading, rows, columns, digits)` section, the notes
-    as bullets) and `results/{name}.csv` (every section's rows, a `table` column naming the section)."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+def write_results(
+    name: str, title: str, settings: str, sections: list[tuple], notes: list[str] = (), results_dir=RESULTS_DIR
+) -> str:
+    """Write `{results_dir}/{name}.md` (title, settings, a table per `(heading, rows, columns, digits)` section, the
+    notes as bullets) and `{name}.csv` beside it (every section's rows, a `table` column naming the section)."""
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
     parts, fieldnames = [f"# {title}", "", settings, ""], ["table"]
     for heading, rows, columns, digits in sections:
         parts += ([f"## {heading}", ""] if heading else []) + [markdown_table(rows, columns, digits), ""]
@@ -74,8 +77,8 @@ def write_results(name: str, title: str, settings: str, sections: list[tuple], n
     if notes:
         parts += ["## Notes", ""] + [f"- {line}" for line in notes] + [""]
     text = "\n".join(parts)
-    (RESULTS_DIR / f"{name}.md").write_text(text)
-    with open(RESULTS_DIR / f"{name}.csv", "w", newline="") as handle:
+    (results_dir / f"{name}.md").write_text(text)
+    with open(results_dir / f"{name}.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fieldnames, extrasaction="ignore")
         writer.writeheader()
         for heading, rows, _, _ in sections:
@@ -167,16 +170,11 @@ DIGITS_IMAGE_SIZE, DIGITS_PATCH_SIZE = 32, 4
 
 
 def digits_config(**overrides) -> ConformerConfig:
+    """The digits model's config (10 classes, no merging); `overrides` change any field, the shape included."""
     labels = {i: str(i) for i in range(10)}
-    return ConformerConfig(
-        **DIGITS_SHAPE,
-        image_size=DIGITS_IMAGE_SIZE,
-        patch_size=DIGITS_PATCH_SIZE,
-        num_labels=10,
-        id2label=labels,
-        label2id={name: i for i, name in labels.items()},
-        **{"merge_mode": "none", **overrides},
-    )
+    fields = DIGITS_SHAPE | dict(image_size=DIGITS_IMAGE_SIZE, patch_size=DIGITS_PATCH_SIZE, merge_mode="none")
+    fields |= dict(num_labels=10, id2label=labels, label2id={name: i for i, name in labels.items()})
+    return ConformerConfig(**fields | overrides)
 
 
 def with_merging(model: ConformerForImageClassification, mode: str, schedule: list[int]):
