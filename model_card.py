@@ -1,10 +1,12 @@
-"""The model card (README.md) of a converted Conformer folder: one Jinja template and the facts of a conversion.
+"""The model cards (README.md): of a converted Conformer folder, one Jinja template and the facts of a conversion;
+of a trained model, a short text and the evaluation result.
 
     python convert_npz_to_hf.py --write_model_cards model_cards   # the cards of Google's released checkpoints
 
 huggingface_hub renders the template (`ModelCard.from_template`) with the card's YAML metadata (`ModelCardData`).
 """
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -303,3 +305,58 @@ def write_model_cards(directory="model_cards") -> list[Path]:
     for model_type, path in zip(SEED_CHECKPOINTS, paths):
         path.write_text(seed_model_card(model_type), encoding="utf-8")
     return paths
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The card of a trained model (run_image_classification.py)
+# --------------------------------------------------------------------------------------------------------------------
+
+TRAINING_CARD_TEXT = """# {name}
+
+A Conformer ({config.num_hidden_layers} layers, width {config.hidden_size}, {config.image_size} px, {merging}, \
+`{config.classifier}` classifier) {origin} on `{dataset}` with `run_image_classification.py`: {score} on its \
+validation split.
+
+Training: {args.max_steps} steps of {batch} images, `{args.optim}` at learning rate {args.learning_rate} \
+({args.lr_scheduler_type} schedule, {args.warmup_steps} warmup steps), weight decay {args.weight_decay}, \
+seed {args.seed}.
+
+```python
+from transformers import pipeline
+
+classify = pipeline("image-classification", model="{name}", trust_remote_code=True)
+```
+"""
+
+
+def write_training_card(args, eval_results: list[dict], base_model: str | None, dataset: str, config):
+    """README.md of a model trained by `run_image_classification.py` (`args`: its `TrainingArguments`), with the Hub's
+    metadata (`base_model`, `datasets`, a `model-index` with the evaluation accuracy) and a short text saying what was
+    trained from what, on what, and how to load it."""
+    name = os.path.basename(os.path.normpath(args.output_dir))
+    evaluation = next((entry for entry in reversed(eval_results) if "eval_accuracy" in entry), None)
+    results = [
+        EvalResult(
+            task_type="image-classification", task_name="Image classification", dataset_type=dataset,
+            dataset_name=dataset, dataset_split="validation", metric_type="accuracy", metric_name="Accuracy",
+            metric_value=round(evaluation["eval_accuracy"], 4),
+        )
+    ] if evaluation else None  # fmt: skip
+
+    def hub_id_of(source):  # a local folder is not on the Hub even when its path looks like `org/name`
+        return None if source is None or os.path.exists(source) else hub_id(source)
+
+    data = ModelCardData(
+        model_name=name, base_model=hub_id_of(base_model),
+        datasets=[dataset] if dataset != "digits" and hub_id_of(dataset) else None,  # digits: scikit-learn's own
+        license="apache-2.0", library_name="transformers", pipeline_tag="image-classification",
+        tags=["image-classification", "vision", "conformer", "token-merging"], eval_results=results,
+    )  # fmt: skip
+    merging = f"`{config.merge_mode}` merging, r = {config.merge_r}" if config.merge_mode != "none" else "no merging"
+    text = TRAINING_CARD_TEXT.format(
+        name=name, config=config, merging=merging, dataset=dataset, args=args,
+        origin=f"fine-tuned from `{base_model}`" if base_model else "trained from scratch",
+        score=f"{evaluation['eval_accuracy']:.4f} accuracy" if evaluation else "no evaluation",
+        batch=args.train_batch_size * args.world_size * args.gradient_accumulation_steps,
+    )  # fmt: skip
+    ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}").save(os.path.join(args.output_dir, "README.md"))

@@ -49,7 +49,7 @@ from image_data import (
     collate_fn,
     load_image_dataset,
 )
-from model_card import hub_id
+from model_card import write_training_card
 from modeling_conformer import SOURCE_CLASSES, ConformerForImageClassification, adapt_state_dict
 
 logger = logging.getLogger(__name__)
@@ -444,7 +444,7 @@ def compute_metrics(prediction) -> dict[str, float]:
 class ConformerTrainer(Trainer):
     """`Trainer` whose checkpoints also keep the sum of all training losses so far, so that a resumed run reports the
     mean loss of all its steps as `train_loss` (the Trainer's own counts only the steps since the resume), and whose
-    model card (`write_model_card`) names the base model and dataset and carries the evaluation result."""
+    model card (`model_card.write_training_card`) names the base model and dataset and carries the evaluation result."""
 
     loss_sum_before_resume = 0.0
 
@@ -492,59 +492,7 @@ class ConformerTrainer(Trainer):
 
     def create_model_card(self, finetuned_from: str | None = None, dataset: str = "digits", **kwargs):
         if self.is_world_process_zero():
-            write_model_card(self.args, self.state.log_history, finetuned_from, dataset, self.model.config)
-
-
-CARD_TEXT = """# {name}
-
-A Conformer ({config.num_hidden_layers} layers, width {config.hidden_size}, {config.image_size} px, {merging}, \
-`{config.classifier}` classifier) {origin} on `{dataset}` with `run_image_classification.py`: {score} on its \
-validation split.
-
-Training: {args.max_steps} steps of {batch} images, `{args.optim}` at learning rate {args.learning_rate} \
-({args.lr_scheduler_type} schedule, {args.warmup_steps} warmup steps), weight decay {args.weight_decay}, \
-seed {args.seed}.
-
-```python
-from transformers import pipeline
-
-classify = pipeline("image-classification", model="{name}", trust_remote_code=True)
-```
-"""
-
-
-def write_model_card(args: TrainingArguments, eval_results: list[dict], base_model: str | None, dataset: str, config):
-    """README.md with the Hub's metadata (`base_model`, `datasets`, a `model-index` with the evaluation accuracy) and
-    a short text saying what was trained from what, on what, and how to load it."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    name = os.path.basename(os.path.normpath(args.output_dir))
-    evaluation = next((entry for entry in reversed(eval_results) if "eval_accuracy" in entry), None)
-    results = [
-        EvalResult(
-            task_type="image-classification", task_name="Image classification", dataset_type=dataset,
-            dataset_name=dataset, dataset_split="validation", metric_type="accuracy", metric_name="Accuracy",
-            metric_value=round(evaluation["eval_accuracy"], 4),
-        )
-    ] if evaluation else None  # fmt: skip
-
-    def hub_id_of(source):  # a local folder is not on the Hub even when its path looks like `org/name`
-        return None if source is None or os.path.exists(source) else hub_id(source)
-
-    data = ModelCardData(
-        model_name=name, base_model=hub_id_of(base_model),
-        datasets=[dataset] if dataset != "digits" and hub_id_of(dataset) else None,  # digits: scikit-learn's own
-        license="apache-2.0", library_name="transformers", pipeline_tag="image-classification",
-        tags=["image-classification", "vision", "conformer", "token-merging"], eval_results=results,
-    )  # fmt: skip
-    merging = f"`{config.merge_mode}` merging, r = {config.merge_r}" if config.merge_mode != "none" else "no merging"
-    text = CARD_TEXT.format(
-        name=name, config=config, merging=merging, dataset=dataset, args=args,
-        origin=f"fine-tuned from `{base_model}`" if base_model else "trained from scratch",
-        score=f"{evaluation['eval_accuracy']:.4f} accuracy" if evaluation else "no evaluation",
-        batch=args.train_batch_size * args.world_size * args.gradient_accumulation_steps,
-    )  # fmt: skip
-    ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}").save(os.path.join(args.output_dir, "README.md"))
+            write_training_card(self.args, self.state.log_history, finetuned_from, dataset, self.model.config)
 
 
 def plot_training_curves(log_history: list[dict], path: str):

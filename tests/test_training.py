@@ -19,6 +19,7 @@ from transformers import Trainer, ViTConfig, ViTForImageClassification
 
 import image_data
 import run_image_classification as script
+from model_card import write_training_card
 from modeling_conformer import ConformerForImageClassification, resample_position_embeddings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -657,7 +658,7 @@ def test_model_card_names_base_model_and_dataset_with_a_valid_model_index(tmp_pa
     (tmp_path / "vit-cifar10").mkdir()
     config = script.ConformerConfig.from_preset("ViT-B_16", merge_mode="bipartite", merge_r=8)
     history = [{"loss": 1.0, "step": 10}, {"eval_accuracy": 0.81234, "step": 100}]
-    script.write_model_card(args, history, base_model="google/vit-base-patch16-224", dataset="cifar10", config=config)
+    write_training_card(args, history, base_model="google/vit-base-patch16-224", dataset="cifar10", config=config)
     card = ModelCard.load(tmp_path / "vit-cifar10" / "README.md")
     assert card.data.base_model == "google/vit-base-patch16-224" and card.data.datasets == ["cifar10"]
     name, results = model_index_to_eval_results(card.data.to_dict()["model-index"])  # the Hub's own parser
@@ -667,6 +668,6 @@ def test_model_card_names_base_model_and_dataset_with_a_valid_model_index(tmp_pa
     assert "[](https://huggingface.co/)" not in card.content
 
     # A local folder is not a Hub id: named in the text, not claimed as `base_model`
-    script.write_model_card(args, [], base_model=str(tmp_path), dataset="digits", config=config)
+    write_training_card(args, [], base_model=str(tmp_path), dataset="digits", config=config)
     card = ModelCard.load(tmp_path / "vit-cifar10" / "README.md")
     assert card.data.base_model is None and "model-index" not in card.data.to_dict() and str(tmp_path) in card.text
