@@ -175,6 +175,20 @@ def predict(model, images) -> torch.Tensor:
     return predict_pixels(model, to_pixel_values(images))[0]
 
 
+def save_model(model, test: dict, folder: Path, num_images: int = 6):
+    """The model (with ViT's image processor at its size, which computes `to_pixel_values`) and the first test images
+    as PNG files, for `visualize_attention.py --model FOLDER --image FOLDER/test_0_digit_7.png ...`."""
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    size = model.config.image_size
+    ViTImageProcessor(size={"height": size, "width": size}).save_pretrained(folder)
+    for i, (image, label) in enumerate(zip(test["images"][:num_images], test["labels"].tolist())):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"test_{i}_digit_{label}.png")
+
+
 def compare(logits, labels, reference_logits) -> dict:
     """Accuracy and mean KL(reference || model), the reference being the unmerged model."""
     log_probs, reference_log_probs = F.log_softmax(logits.float(), -1), F.log_softmax(reference_logits.float(), -1)
@@ -320,6 +334,7 @@ def parse_args(argv=None):
     add("--threads", type=int, default=2, help="torch threads")
     add("--seed", type=int, default=0, help="seed of the data and of training")
     add("--results_dir", type=Path, default=RESULTS_DIR, help="folder of merge_task.{md,csv,png}")
+    add("--save_model", type=Path, help="also save the model trained without merging, and 6 test images, here")
     args = parser.parse_args(argv)
     if args.image_size % args.patch_size or min(args.train_images, args.test_images, args.epochs) < 1:
         parser.error("--image_size must be a multiple of --patch_size; images and epochs at least 1")
@@ -345,6 +360,8 @@ def main(argv=None) -> str:
         task_config(args.hidden_size, args.layers, args.heads, args.image_size, args.patch_size)
     )
     train(base, train_set["images"], train_set["labels"], args.epochs, args.lr, args.seed)
+    if args.save_model:
+        save_model(base, test, args.save_model)
     num_tokens = 1 + base.config.num_patches
     schedule_of = schedules(args.r_values, num_tokens, args.layers)
     speed = measure_speed(base, schedule_of, test["images"], args.timing_batch, args.timing_repeats)

@@ -92,7 +92,7 @@ def test_smallest_setting_runs_end_to_end(tmp_path):
     text = merge_task.main(
         ["--train_images", "32", "--test_images", "16", "--epochs", "1", "--hidden_size", "16", "--layers", "2"]
         + ["--heads", "2", "--r_values", "8", "--finetune_r", "8", "--timing_batch", "4", "--timing_repeats", "1"]
-        + ["--results_dir", str(tmp_path)]
+        + ["--results_dir", str(tmp_path), "--save_model", str(tmp_path / "model")]
     )
     assert "## Off the shelf" in text and "fine-tuning with merging on" in text
     with open(tmp_path / "merge_task.csv") as handle:
@@ -106,3 +106,18 @@ def test_smallest_setting_runs_end_to_end(tmp_path):
     unmerged = [row for row in rows if row["mode"] == "none"]
     assert all(float(row["KL"]) == 0 and row["gain at equal speed"] == "0.0" for row in unmerged)
     assert (tmp_path / "merge_task.png").stat().st_size > 0
+
+    # The saved model reads the saved images through its image processor as the benchmark fed them
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    model = merge_task.ConformerForImageClassification.from_pretrained(tmp_path / "model").eval()
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "model")
+    test = merge_task.cluttered_digits(16, "test", 32, 0)
+    saved = sorted((tmp_path / "model").glob("test_*.png"), key=lambda path: int(path.name.split("_")[1]))
+    assert [path.name for path in saved] == [f"test_{i}_digit_{test['labels'][i]}.png" for i in range(6)]
+    images = [np.array(Image.open(path)) for path in saved]
+    assert all(np.array_equal(image, test["images"][i].permute(1, 2, 0).numpy()) for i, image in enumerate(images))
+    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixel_values, merge_task.to_pixel_values(test["images"][:6]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(model(pixel_values).logits, merge_task.predict(model, test["images"][:6]))
