@@ -14,6 +14,7 @@ photograph's left three quarters for training, the rest for testing). Writes `re
 
 import argparse
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -173,6 +174,19 @@ def train(model, images, labels, epochs: int, lr: float, seed: int):
 
 def predict(model, images) -> torch.Tensor:
     return predict_pixels(model, to_pixel_values(images))[0]
+
+
+SAVED_FILES = (
+    "config.json", "model.safetensors", "preprocessor_config.json",
+    "configuration_conformer.py", "modeling_conformer.py",
+)  # fmt: skip
+
+
+def written_by_save_model(path: Path) -> bool:
+    """Whether `save_model` writes a file of this name (so that saving again may replace it)."""
+    return path.is_file() and (
+        path.name in SAVED_FILES or re.fullmatch(r"test_\d+_digit_\d\.png", path.name) is not None
+    )
 
 
 def save_model(model, test: dict, folder: Path, num_images: int = 6):
@@ -336,6 +350,9 @@ def parse_args(argv=None):
     add("--results_dir", type=Path, default=RESULTS_DIR, help="folder of merge_task.{md,csv,png}")
     add("--save_model", type=Path, help="also save the model trained without merging, and 6 test images, here")
     args = parser.parse_args(argv)
+    folder = args.save_model
+    if folder and folder.exists() and not (folder.is_dir() and all(map(written_by_save_model, folder.iterdir()))):
+        parser.error(f"--save_model {folder} is a file or holds files this script does not write: name a new folder")
     if args.image_size % args.patch_size or min(args.train_images, args.test_images, args.epochs) < 1:
         parser.error("--image_size must be a multiple of --patch_size; images and epochs at least 1")
     if min(args.r_values) < 1 or not set(args.finetune_r) <= set(args.r_values):

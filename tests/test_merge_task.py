@@ -121,3 +121,15 @@ def test_smallest_setting_runs_end_to_end(tmp_path):
     pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(pixel_values, merge_task.to_pixel_values(test["images"][:6]), atol=1e-6, rtol=0)
     torch.testing.assert_close(model(pixel_values).logits, merge_task.predict(model, test["images"][:6]))
+
+
+def test_save_model_refuses_a_folder_with_other_files(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as error:
+        merge_task.parse_args(["--save_model", str(tmp_path)])
+    assert error.value.code == 2 and "holds files this script does not write" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "notes.txt").unlink()
+    (tmp_path / "config.json").write_text("{}")  # what an earlier save wrote may be replaced
+    (tmp_path / "test_0_digit_7.png").write_bytes(b"")
+    assert merge_task.parse_args(["--save_model", str(tmp_path)]).save_model == tmp_path
