@@ -281,74 +281,140 @@ def ward_matching(
     if r == 0:
         return _identity, _identity
     max_rounds = max(max_rounds, 1)
+    with torch.no_grad():
+        unit, weight = _unit_vectors_and_weights(metric, size)
+        if max_rounds == 1 and refine and _fallback_rounds(num_tokens - int(protect_cls), r) == 1:
+            destination = _ward_one_round(unit, weight, r, protect_cls)
+        else:
+            destination = _ward_rounds(unit, weight, r, protect_cls, max_rounds, refine)
+    return _merge_by_destination(destination, num_tokens - r)
+
+
+def _ward_rounds(unit, weight, r: int, protect_cls: bool, max_rounds: int, refine: bool) -> torch.LongTensor:
+    """`ward_matching`'s rounds in general (any r, any number of rounds): the destination [batch, tokens] of each
+    token."""
+    batch, num_tokens, channels = unit.shape
+    device = unit.device
     filling_rounds = max(1, _fallback_rounds(num_tokens - int(protect_cls), r))
     num_rounds = max_rounds - 1 + filling_rounds
     refine = refine and filling_rounds == 1  # refining reads the groups of mutual merges, before any filler moved
-    with torch.no_grad():
-        unit, weight = _unit_vectors_and_weights(metric, size)
-        positions = torch.arange(num_tokens, device=metric.device)
-        # Groups never move: group i is the one whose first token is i. `parent`: the group i merged into.
-        parent = positions.expand(batch, -1).clone()
-        merge_cost = torch.full_like(weight, math.inf)  # the Ward cost of that merge
-        filler = torch.zeros_like(weight, dtype=torch.bool)  # merges made only to reach r
-        centroid, group_weight = unit, weight
-        live = torch.ones_like(filler)
-        if protect_cls:
-            live[:, 0] = False  # the class token neither joins nor takes in a group
-        exact = torch.zeros_like(filler[:, :1])
-        # A group never joins itself: an additive inf diagonal (not an in-place diagonal view, which ONNX cannot take).
-        itself = torch.eye(num_tokens, dtype=torch.bool, device=metric.device)
-        itself = torch.zeros(num_tokens, num_tokens, device=metric.device).masked_fill_(itself, math.inf)
-        for round_index in range(num_rounds):
-            last_round = round_index == num_rounds - 1
-            cost = _ward_costs(centroid, group_weight, centroid, group_weight, live, exclude=itself)
-            best_cost, nearest = cost.min(dim=-1)
-            can_join = live & best_cost.isfinite() & ~exact
-            mutual = can_join & (nearest.gather(1, nearest) == positions)
-            nearest_weight = group_weight.gather(1, nearest)
-            lighter = (group_weight < nearest_weight) | ((group_weight == nearest_weight) & (positions > nearest))
-            joins = mutual & lighter  # one group of each mutual pair joins the other
-            if round_index >= max_rounds - 1:  # filling: every other group may join its nearest
-                fills = can_join & ~mutual
-                filler |= fills | (joins if round_index >= max_rounds else False)  # then no merge is Ward's
-                joins = joins | (fills if not last_round else False)  # the last round's fills move no centroid
-                merge_cost = torch.where(fills, best_cost, merge_cost)
-                parent = torch.where(fills, nearest, parent)
-            merge_cost = torch.where(joins, best_cost, merge_cost)
-            parent = torch.where(joins, nearest, parent)
-            if last_round and not refine:
-                break
-            if not last_round:
-                # No later merge can cost less than the cheapest cost left after this round.
-                second_cost = cost.scatter_(2, nearest[..., None], math.inf).amin(dim=-1)
-                lower_bound = torch.where(mutual, second_cost, best_cost).masked_fill(~live, math.inf).amin(-1, True)
-                exact |= ((merge_cost <= lower_bound) & ~filler).sum(-1, keepdim=True) >= r
+    positions = torch.arange(num_tokens, device=device)
+    # Groups never move: group i is the one whose first token is i. `parent`: the group i merged into.
+    parent = positions.expand(batch, -1).clone()
+    merge_cost = torch.full_like(weight, math.inf)  # the Ward cost of that merge
+    filler = torch.zeros_like(weight, dtype=torch.bool)  # merges made only to reach r
+    centroid, group_weight = unit, weight
+    live = torch.ones_like(filler)
+    if protect_cls:
+        live[:, 0] = False  # the class token neither joins nor takes in a group
+    exact = torch.zeros_like(filler[:, :1])
+    # A group never joins itself: an additive inf diagonal (not an in-place diagonal view, which ONNX cannot take).
+    itself = torch.eye(num_tokens, dtype=torch.bool, device=device)
+    itself = torch.zeros(num_tokens, num_tokens, device=device).masked_fill_(itself, math.inf)
+    for round_index in range(num_rounds):
+        last_round = round_index == num_rounds - 1
+        cost = _ward_costs(centroid, group_weight, centroid, group_weight, live, exclude=itself)
+        best_cost, nearest = cost.min(dim=-1)
+        can_join = live & best_cost.isfinite() & ~exact
+        mutual = can_join & (nearest.gather(1, nearest) == positions)
+        nearest_weight = group_weight.gather(1, nearest)
+        lighter = (group_weight < nearest_weight) | ((group_weight == nearest_weight) & (positions > nearest))
+        joins = mutual & lighter  # one group of each mutual pair joins the other
+        if round_index >= max_rounds - 1:  # filling: every other group may join its nearest
+            fills = can_join & ~mutual
+            filler |= fills | (joins if round_index >= max_rounds else False)  # then no merge is Ward's
+            joins = joins | (fills if not last_round else False)  # the last round's fills move no centroid
+            merge_cost = torch.where(fills, best_cost, merge_cost)
+            parent = torch.where(fills, nearest, parent)
+        merge_cost = torch.where(joins, best_cost, merge_cost)
+        parent = torch.where(joins, nearest, parent)
+        if last_round and not refine:
+            break
+        if not last_round:
+            # No later merge can cost less than the cheapest cost left after this round.
+            second_cost = cost.scatter_(2, nearest[..., None], math.inf).amin(dim=-1)
+            lower_bound = torch.where(mutual, second_cost, best_cost).masked_fill(~live, math.inf).amin(-1, True)
+            exact |= ((merge_cost <= lower_bound) & ~filler).sum(-1, keepdim=True) >= r
 
-            # Each joining group's weight and weighted centroid go to the group it ends in.
-            target = torch.where(joins, nearest, positions)
-            if round_index >= max_rounds - 1 and not last_round:  # fills may chain (the last round's do not move)
-                for _ in range(num_tokens.bit_length()):
-                    target = target.gather(1, target)
-            moved_weight = group_weight * joins
-            taken_weight = torch.zeros_like(group_weight).scatter_add_(1, target, moved_weight)
-            moved = (moved_weight[..., None] * centroid).reshape(-1, channels)
-            taken_sum = torch.zeros_like(moved).index_add_(0, _flat_rows(target, num_tokens), moved)
-            new_weight = group_weight + taken_weight
-            merged_centroid = (group_weight[..., None] * centroid + taken_sum.view_as(centroid)) / new_weight[..., None]
-            centroid = torch.where(joins[..., None], centroid, merged_centroid)
-            group_weight = torch.where(joins, group_weight, new_weight)
-            live &= ~joins
+        # Each joining group's weight and weighted centroid go to the group it ends in.
+        target = torch.where(joins, nearest, positions)
+        if round_index >= max_rounds - 1 and not last_round:  # fills may chain (the last round's do not move)
+            for _ in range(num_tokens.bit_length()):
+                target = target.gather(1, target)
+        moved_weight = group_weight * joins
+        taken_weight = torch.zeros_like(group_weight).scatter_add_(1, target, moved_weight)
+        moved = (moved_weight[..., None] * centroid).reshape(-1, channels)
+        taken_sum = torch.zeros_like(moved).index_add_(0, _flat_rows(target, num_tokens), moved)
+        new_weight = group_weight + taken_weight
+        merged_centroid = (group_weight[..., None] * centroid + taken_sum.view_as(centroid)) / new_weight[..., None]
+        centroid = torch.where(joins[..., None], centroid, merged_centroid)
+        group_weight = torch.where(joins, group_weight, new_weight)
+        live &= ~joins
 
-        if refine:
-            merge_cost, parent, filler = _refine_ward(merge_cost, parent, filler, exact, centroid, group_weight, live)
-        # The r cheapest recorded merges, those made only to reach r last (no Ward cost is above 4 * total weight).
-        priority = merge_cost + filler * (4 * weight.sum(-1, keepdim=True))
-        merged = torch.zeros_like(filler).scatter_(1, priority.topk(r, dim=-1, largest=False).indices, True)
-        owner = torch.where(merged, parent, positions)
-        for _ in range(num_tokens.bit_length()):  # pointer jumping: follow chains of merges to their kept token
-            owner = owner.gather(1, owner)
-        destination = _destination_from_owner(owner, ~merged)
-    return _merge_by_destination(destination, num_tokens - r)
+    if refine:
+        merge_cost, parent, filler = _refine_ward(merge_cost, parent, filler, exact, centroid, group_weight, live)
+    # The r cheapest recorded merges, those made only to reach r last (no Ward cost is above 4 * total weight).
+    priority = merge_cost + filler * (4 * weight.sum(-1, keepdim=True))
+    merged = torch.zeros_like(filler).scatter_(1, priority.topk(r, dim=-1, largest=False).indices, True)
+    owner = torch.where(merged, parent, positions)
+    for _ in range(num_tokens.bit_length()):  # pointer jumping: follow chains of merges to their kept token
+        owner = owner.gather(1, owner)
+    destination = _destination_from_owner(owner, ~merged)
+    return destination
+
+
+def _ward_one_round(unit, weight, r: int, protect_cls: bool) -> torch.LongTensor:
+    """`ward_matching`'s default: one round and `refine`, in as few passes over the N x N matrix as it takes (the
+    groups of `_ward_rounds(..., max_rounds=1, refine=True)`; on a CPU that matrix's passes, not the arithmetic, cost).
+
+    Every metric vector has unit length, so `||u_a - u_b||^2 = 2 - 2 cos` and one product gives every Ward cost:
+    `(1 - cos) * f` with `f = 2 / (1/w_a + 1/w_b)`. A group of at most two tokens (a mutual pair) is then known by
+    gathered cosines, so a token that merged nowhere is priced against the group of its nearest without a centroid.
+    Returns the destination [batch, tokens] of each token."""
+    batch, num_tokens, _ = unit.shape
+    num_extra = int(protect_cls)  # the class token stays out of the matching
+    unit, weight = unit[:, num_extra:], weight[:, num_extra:]
+    num_groups = num_tokens - num_extra
+    positions = torch.arange(num_groups, device=unit.device)
+    # cos - 1, and -inf on the diagonal: a [N, N] addend (an in-place diagonal view is what ONNX cannot take).
+    offset = torch.eye(num_groups, dtype=torch.bool, device=unit.device)
+    offset = torch.full((num_groups, num_groups), -1.0, device=unit.device).masked_fill_(offset, -math.inf)
+    minus_cost = torch.bmm(unit, unit.transpose(-1, -2)).add_(offset)
+    half_inverse = 0.5 / weight  # 1 / f = half_inverse_a + half_inverse_b
+    minus_cost = minus_cost.div_(half_inverse[:, :, None] + half_inverse[:, None, :])
+    best, nearest = minus_cost.max(dim=-1)  # -(Ward cost), each token's nearest
+    partner = nearest.gather(1, nearest)
+    mutual = partner == positions
+    nearest_weight = weight.gather(1, nearest)
+    lighter = (weight < nearest_weight) | ((weight == nearest_weight) & (positions > nearest))
+    joins = mutual & lighter  # one token of each mutual pair joins the other, at the pair's cost
+
+    # Any other token j joins the group of its nearest a: a, with a's mutual partner b if a has one. With that group's
+    # weight W = w_a + w_b and centroid c: ||u_j - c||^2 = 1 - 2 u_j.c + ||c||^2, all from cosines.
+    def cosine(value, index_a, index_b):  # back from -(Ward cost) to cos
+        return 1 + value * (half_inverse.gather(1, index_a) + half_inverse.gather(1, index_b))
+
+    weight_a = nearest_weight
+    weight_b = torch.where(mutual.gather(1, nearest), weight.gather(1, partner), 0.0)
+    cos_ja = cosine(best, positions.expand(batch, -1), nearest)
+    cos_jb = cosine(minus_cost.gather(2, partner[..., None])[..., 0], positions.expand(batch, -1), partner)
+    cos_ab = cosine(best.gather(1, nearest), nearest, partner)
+    group_weight = weight_a + weight_b
+    dot = (weight_a * cos_ja + weight_b * cos_jb) / group_weight
+    squared_norm = (weight_a * weight_a + weight_b * weight_b + 2 * weight_a * weight_b * cos_ab) / group_weight**2
+    refined = (1 - 2 * dot + squared_norm).clamp_min(0) / (1 / weight + 1 / group_weight)
+
+    # The r cheapest merges: the pairs' at their cost, every other token's into its nearest's group at the refined cost.
+    priority = torch.where(joins, -best, torch.where(mutual, math.inf, refined))
+    merged = torch.zeros_like(joins).scatter_(1, priority.topk(r, dim=-1, largest=False).indices, True)
+    head = torch.where(joins.gather(1, nearest), partner, nearest)  # where a group's pair ended (a joiner's: nearest)
+    owner = torch.where(merged, head, positions)
+    for _ in range(num_groups.bit_length()):  # pointer jumping: follow chains of merges to their kept token
+        owner = owner.gather(1, owner)
+    destination = _destination_from_owner(owner, ~merged)
+    if protect_cls:
+        destination = torch.cat([destination.new_zeros(batch, 1), destination + 1], dim=1)
+    return destination
 
 
 def _ward_costs(centroid_a, weight_a, centroid_b, weight_b, live_b, exclude=None):

@@ -317,3 +317,15 @@ def test_merging_can_be_switched_on_a_loaded_model():
     assert model(pixels, output_merge_info=True).token_sizes.shape == (1, 17)
     model.config.merge_mode, model.config.merge_r = "submodular", 4
     assert model(pixels, output_merge_info=True).token_sizes.shape == (1, 5)
+
+
+@pytest.mark.parametrize("r", [1, 13, 48, 98])
+def test_ward_one_round_fast_path_gives_the_general_rounds_groups(r):
+    """The default path (one product, cosines gathered) against the general rounds at max_rounds=1 with refine."""
+    from modeling_conformer import _unit_vectors_and_weights, _ward_one_round, _ward_rounds
+
+    metric = clustered_tokens(seed=r)
+    size = torch.randint(1, 5, (8, 197, 1)).float()
+    for weights in (None, size):
+        unit, weight = _unit_vectors_and_weights(metric, weights)
+        assert torch.equal(_ward_one_round(unit, weight, r, True), _ward_rounds(unit, weight, r, True, 1, True))
