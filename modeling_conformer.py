@@ -161,6 +161,15 @@ def _destination_from_owner(owner: torch.LongTensor, kept: torch.BoolTensor) -> 
     return output_index.gather(1, owner)
 
 
+def _destination_of_merges(merged: torch.BoolTensor, parent: torch.LongTensor) -> torch.LongTensor:
+    """Each merged token goes to its `parent`; chains of merges are followed (pointer jumping) to their kept token."""
+    positions = torch.arange(merged.shape[1], device=merged.device)
+    owner = torch.where(merged, parent, positions)
+    for _ in range(merged.shape[1].bit_length()):
+        owner = owner.gather(1, owner)
+    return _destination_from_owner(owner, ~merged)
+
+
 def submodular_matching(
     metric: torch.Tensor, r: int, size: torch.Tensor | None = None, protect_cls: bool = True, max_rounds: int = 2
 ):
@@ -276,7 +285,7 @@ def ward_matching(
     `torch.compile(fullgraph=True)`, `torch.export` and ONNX, no host sync on a GPU, and NaN or inf keys (zeroed)
     cannot keep it from ending.
     """
-    batch, num_tokens, channels = metric.shape
+    num_tokens = metric.shape[1]
     _check_merge_r(r, num_tokens, "ward", protect_cls)
     if r == 0:
         return _identity, _identity
@@ -356,11 +365,7 @@ def _ward_rounds(unit, weight, r: int, protect_cls: bool, max_rounds: int, refin
     # The r cheapest recorded merges, those made only to reach r last (no Ward cost is above 4 * total weight).
     priority = merge_cost + filler * (4 * weight.sum(-1, keepdim=True))
     merged = torch.zeros_like(filler).scatter_(1, priority.topk(r, dim=-1, largest=False).indices, True)
-    owner = torch.where(merged, parent, positions)
-    for _ in range(num_tokens.bit_length()):  # pointer jumping: follow chains of merges to their kept token
-        owner = owner.gather(1, owner)
-    destination = _destination_from_owner(owner, ~merged)
-    return destination
+    return _destination_of_merges(merged, parent)
 
 
 def _ward_one_round(unit, weight, r: int, protect_cls: bool) -> torch.LongTensor:
@@ -408,10 +413,7 @@ def _ward_one_round(unit, weight, r: int, protect_cls: bool) -> torch.LongTensor
     priority = torch.where(joins, -best, torch.where(mutual, math.inf, refined))
     merged = torch.zeros_like(joins).scatter_(1, priority.topk(r, dim=-1, largest=False).indices, True)
     head = torch.where(joins.gather(1, nearest), partner, nearest)  # where a group's pair ended (a joiner's: nearest)
-    owner = torch.where(merged, head, positions)
-    for _ in range(num_groups.bit_length()):  # pointer jumping: follow chains of merges to their kept token
-        owner = owner.gather(1, owner)
-    destination = _destination_from_owner(owner, ~merged)
+    destination = _destination_of_merges(merged, head)
     if protect_cls:
         destination = torch.cat([destination.new_zeros(batch, 1), destination + 1], dim=1)
     return destination
