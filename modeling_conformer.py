@@ -372,10 +372,10 @@ def _ward_one_round(unit, weight, r: int, protect_cls: bool) -> torch.LongTensor
     """`ward_matching`'s default: one round and `refine`, in as few passes over the N x N matrix as it takes (the
     groups of `_ward_rounds(..., max_rounds=1, refine=True)`; on a CPU that matrix's passes, not the arithmetic, cost).
 
-    Every metric vector has unit length, so `||u_a - u_b||^2 = 2 - 2 cos` and one product gives every Ward cost:
-    `(1 - cos) * f` with `f = 2 / (1/w_a + 1/w_b)`. A group of at most two tokens (a mutual pair) is then known by
-    gathered cosines, so a token that merged nowhere is priced against the group of its nearest without a centroid.
-    Returns the destination [batch, tokens] of each token."""
+    Every metric vector has unit length, so `||u_a - u_b||^2 = 2 - 2 cos` and one product gives every pair's Ward cost
+    `(1 - cos) * f` with `f = 2 / (1/w_a + 1/w_b)`. A group of at most two tokens (a mutual pair) is then priced from
+    those pair costs alone, so a token that merged nowhere is priced against the group of its nearest without a
+    centroid. Returns the destination [batch, tokens] of each token."""
     batch, num_tokens, _ = unit.shape
     num_extra = int(protect_cls)  # the class token stays out of the matching
     unit, weight = unit[:, num_extra:], weight[:, num_extra:]
@@ -384,33 +384,29 @@ def _ward_one_round(unit, weight, r: int, protect_cls: bool) -> torch.LongTensor
     # cos - 1, and -inf on the diagonal: a [N, N] addend (an in-place diagonal view is what ONNX cannot take).
     offset = torch.eye(num_groups, dtype=torch.bool, device=unit.device)
     offset = torch.full((num_groups, num_groups), -1.0, device=unit.device).masked_fill_(offset, -math.inf)
-    minus_cost = torch.bmm(unit, unit.transpose(-1, -2)).add_(offset)
+    minus_cost = torch.baddbmm(offset, unit, unit.transpose(-1, -2))  # [batch, N, N]: cos - 1
     half_inverse = 0.5 / weight  # 1 / f = half_inverse_a + half_inverse_b
-    minus_cost = minus_cost.div_(half_inverse[:, :, None] + half_inverse[:, None, :])
-    best, nearest = minus_cost.max(dim=-1)  # -(Ward cost), each token's nearest
+    minus_cost = minus_cost.div_(half_inverse[:, :, None] + half_inverse[:, None, :])  # -(Ward cost of the pair)
+    best, nearest = minus_cost.max(dim=-1)  # each token's nearest and -(their pair's cost)
     partner = nearest.gather(1, nearest)
     mutual = partner == positions
     nearest_weight = weight.gather(1, nearest)
     lighter = (weight < nearest_weight) | ((weight == nearest_weight) & (positions > nearest))
     joins = mutual & lighter  # one token of each mutual pair joins the other, at the pair's cost
 
-    # Any other token j joins the group of its nearest a: a, with a's mutual partner b if a has one. With that group's
-    # weight W = w_a + w_b and centroid c: ||u_j - c||^2 = 1 - 2 u_j.c + ||c||^2, all from cosines.
-    def cosine(value, index_a, index_b):  # back from -(Ward cost) to cos
-        return 1 + value * (half_inverse.gather(1, index_a) + half_inverse.gather(1, index_b))
-
-    weight_a = nearest_weight
-    weight_b = torch.where(mutual.gather(1, nearest), weight.gather(1, partner), 0.0)
-    cos_ja = cosine(best, positions.expand(batch, -1), nearest)
-    cos_jb = cosine(minus_cost.gather(2, partner[..., None])[..., 0], positions.expand(batch, -1), partner)
-    cos_ab = cosine(best.gather(1, nearest), nearest, partner)
-    group_weight = weight_a + weight_b
-    dot = (weight_a * cos_ja + weight_b * cos_jb) / group_weight
-    squared_norm = (weight_a * weight_a + weight_b * weight_b + 2 * weight_a * weight_b * cos_ab) / group_weight**2
-    refined = (1 - 2 * dot + squared_norm).clamp_min(0) / (1 / weight + 1 / group_weight)
+    # Any other token j joins the group of its nearest a: a, with a's mutual partner b if a has one (else w_b = 0).
+    # Ward's cost of adding j to the group {a, b} of weight W = w_a + w_b, written with the pair costs c (from
+    # ||u_j - centroid||^2 = (w_a ||u_j - u_a||^2 + w_b ||u_j - u_b||^2) / W - c_ab / W and
+    # w_x ||u_j - u_x||^2 = c_jx (1 + w_x / w_j)):  (c_ja (w_j + w_a) + c_jb (w_j + w_b) - c_ab w_j) / (w_j + W).
+    with_partner = mutual.gather(1, nearest)
+    weight_b = torch.where(with_partner, weight.gather(1, partner), 0.0)
+    minus_cost_jb = minus_cost.gather(2, partner[..., None])[..., 0]
+    partner_term = minus_cost_jb * (weight + weight_b) - best.gather(1, nearest) * weight  # -(c_jb (...) - c_ab w_j)
+    refined = -(best * (weight + nearest_weight) + torch.where(with_partner, partner_term, 0.0))
+    refined = refined.clamp_min(0) / (weight + nearest_weight + weight_b)
 
     # The r cheapest merges: the pairs' at their cost, every other token's into its nearest's group at the refined cost.
-    priority = torch.where(joins, -best, torch.where(mutual, math.inf, refined))
+    priority = torch.where(joins, -best, refined.masked_fill(mutual, math.inf))
     merged = torch.zeros_like(joins).scatter_(1, priority.topk(r, dim=-1, largest=False).indices, True)
     head = torch.where(joins.gather(1, nearest), partner, nearest)  # where a group's pair ended (a joiner's: nearest)
     destination = _destination_of_merges(merged, head)
