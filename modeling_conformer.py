@@ -401,8 +401,9 @@ def _ward_one_round(unit, weight, r: int, protect_cls: bool) -> torch.LongTensor
     with_partner = mutual.gather(1, nearest)
     weight_b = torch.where(with_partner, weight.gather(1, partner), 0.0)
     minus_cost_jb = minus_cost.gather(2, partner[..., None])[..., 0]
-    partner_term = minus_cost_jb * (weight + weight_b) - best.gather(1, nearest) * weight  # -(c_jb (...) - c_ab w_j)
-    refined = -(best * (weight + nearest_weight) + torch.where(with_partner, partner_term, 0.0))
+    minus_partner_term = minus_cost_jb * (weight + weight_b) - best.gather(1, nearest) * weight
+    minus_partner_term = torch.where(with_partner, minus_partner_term, 0.0)  # -(c_jb (w_j + w_b) - c_ab w_j)
+    refined = -(best * (weight + nearest_weight) + minus_partner_term)  # the numerator, best being -c_ja
     refined = refined.clamp_min(0) / (weight + nearest_weight + weight_b)
 
     # The r cheapest merges: the pairs' at their cost, every other token's into its nearest's group at the refined cost.
