@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +17,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import common  # noqa: E402
 import merge_frontier  # noqa: E402
+import merge_optimum  # noqa: E402
 import merge_quality  # noqa: E402
 
 from configuration_conformer import ConformerConfig  # noqa: E402
@@ -140,3 +142,92 @@ def test_captured_keys_are_the_layers_keys_averaged_over_heads_by_hand():
         keys = layer.attention.k_proj(layer.layernorm_before(hidden)).view(2, 17, 4, 8)  # [batch, tokens, heads, dim]
     assert captured.shape == (2, 17, 8)
     torch.testing.assert_close(captured, keys.mean(dim=2))
+
+
+def set_partitions(items):
+    """Every partition of `items` into blocks (Bell(8) = 4140 of 8 items)."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for partition in set_partitions(rest):
+        yield [[first]] + partition
+        for index in range(len(partition)):
+            yield partition[:index] + [[first] + partition[index]] + partition[index + 1 :]
+
+
+def least_scatter_by_enumeration(unit: np.ndarray, r: int) -> float:
+    num_tokens = unit.shape[0]
+    return min(
+        sum(merge_optimum.group_scatter(unit, block) for block in partition if len(block) > 1)
+        for partition in set_partitions(list(range(num_tokens)))
+        if len(partition) == num_tokens - r
+    )
+
+
+def clustered_unit_vectors(seed: int, num_tokens: int = 8, channels: int = 5) -> np.ndarray:
+    generator = np.random.default_rng(seed)
+    centres = 2 * generator.normal(size=(3, channels))
+    points = centres[generator.integers(0, 3, num_tokens)] + generator.normal(size=(num_tokens, channels))
+    return points / np.linalg.norm(points, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_least_scatter_is_the_least_over_every_partition(seed):
+    unit = clustered_unit_vectors(seed)
+    for r in (1, 2, 4, 6):
+        best = least_scatter_by_enumeration(unit, r)
+        # any upper bound at or above the least will do: here up to 2x it
+        value, groups = merge_optimum.least_scatter(unit, r, best * (1 + (seed + 1) / 6) + 1e-12)
+        assert value == pytest.approx(best, rel=1e-9, abs=1e-12)
+        assert sum(len(group) - 1 for group in groups) == r
+        assert len({token for group in groups for token in group}) == sum(map(len, groups))  # disjoint groups
+        assert sum(merge_optimum.group_scatter(unit, group) for group in groups) == pytest.approx(value, rel=1e-9)
+        # every k merges cost at least the bound, and the bound is not vacuous
+        squared = ((unit[:, None] - unit[None]) ** 2).sum(-1) + np.diag(np.full(8, np.inf))
+        bounds = merge_optimum.merge_lower_bounds(squared.min(axis=1), r)
+        assert bounds[r] <= best + 1e-12 and bounds[r] > 0
+        assert all(bounds[k] <= least_scatter_by_enumeration(unit, k) + 1e-12 for k in range(1, r))
+
+
+def test_least_scatter_refuses_an_upper_bound_below_every_grouping():
+    unit = clustered_unit_vectors(0)
+    with pytest.raises(ValueError, match="not the scatter of a grouping"):
+        merge_optimum.least_scatter(unit, 2, 0.5 * least_scatter_by_enumeration(unit, 2))
+
+
+def test_lower_bound_of_two_far_apart_pairs_by_hand():
+    # Tokens 0~1 at squared distance 0.1, tokens 2~3 at 0.3. One merge: a pair, (0.1 + 0.1) / 4. Two merges: two
+    # pairs, (0.1 + 0.1 + 0.3 + 0.3) / 4 = 0.2, or one group of three, (3 - 1) / 6 * (0.1 + 0.1 + 0.3) = 1/6, less.
+    bounds = merge_optimum.merge_lower_bounds(np.array([0.1, 0.1, 0.3, 0.3]), 2)
+    assert bounds == pytest.approx([0.0, 0.05, 1 / 6])
+
+
+def test_optimum_matching_on_two_pairs_by_hand():
+    for r, expected in ((1, 1 - math.cos(0.1)), (2, BOTH_PAIRS)):
+        merge, unmerge = merge_optimum.optimum_matching(PAIRS, r)
+        assert merge_quality.merge_scatter(PAIRS, None, merge, unmerge) == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="size one"):
+        merge_optimum.optimum_matching(PAIRS, 1, torch.tensor([1.0, 2, 1, 1, 1]).view(1, 5, 1))
+
+
+def test_merge_optimum_end_to_end_no_mode_below_the_optimum(tmp_path):
+    merge_optimum.main(["--seeds", "1", "--batch_size", "2", "--num_tokens", "41", "--r_values", "3", "--threads", "1",
+                        "--results_dir", str(tmp_path)])  # fmt: skip
+    with open(tmp_path / "merge_optimum.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["data"] for row in rows} == {name for name in merge_quality.CLUSTER_SETTINGS if "sizes" not in name}
+    for row in rows:
+        assert float(row["over optimum"]) >= 1 - 1e-5, row
+        if row["mode"] == merge_optimum.OPTIMUM:
+            assert float(row["over optimum"]) == pytest.approx(1.0)
+    assert "no grouping leaves less than" in (tmp_path / "merge_optimum.md").read_text()
+
+
+def test_merge_optimum_refuses_an_r_it_cannot_bound():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "merge_optimum.py"), "--r_values", "40"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("merge_optimum.py: error: --r_values must be between 1")
