@@ -5,7 +5,7 @@ small Conformer is trained on it without merging, then evaluated with every merg
 shelf), and again after a short fine-tune with merging on (ToMe's second setting); images/s of every setting are
 measured in one run, so that the modes can be compared at equal speed and not only at equal r.
 
-    python benchmarks/merge_task.py             # about 8 minutes on 2 CPU threads
+    python benchmarks/merge_task.py             # 5-8 minutes on 2 CPU threads
     python benchmarks/merge_task.py --train_images 512 --test_images 128 --epochs 1 --r_values 4  # a quick check
 
 Train and test use disjoint digit images (a fixed split of scikit-learn's 1797) and disjoint background pixels (each
