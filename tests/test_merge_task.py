@@ -2,6 +2,7 @@
 background pixels), puts scikit-learn's digit of the label inside the image, and the script runs end to end."""
 
 import csv
+import math
 import sys
 from pathlib import Path
 
@@ -104,7 +105,10 @@ def test_smallest_setting_runs_end_to_end(tmp_path):
     # 2 layers, 65 tokens: 8 merged in each, for every mode alike
     assert {row["schedule"] for row in at_r8.values()} == {"8/8"} and at_r8["ward"]["tokens left"] == "49"
     unmerged = [row for row in rows if row["mode"] == "none"]
-    assert all(float(row["KL"]) == 0 and row["gain at equal speed"] == "0.0" for row in unmerged)
+    assert all(float(row["KL"]) == 0 for row in unmerged)
+    assert at_r8["bipartite"]["gain at equal speed"] == "0.0"  # the reference against itself
+    kl_ratio = float(at_r8["bipartite"]["KL over bipartite's at equal speed"])
+    assert kl_ratio == 1.0 or math.isnan(kl_ratio)  # NaN: the merges moved no prediction (KL 0)
     assert (tmp_path / "merge_task.png").stat().st_size > 0
 
     # The saved model reads the saved images through its image processor as the benchmark fed them
@@ -133,3 +137,17 @@ def test_save_model_refuses_a_folder_with_other_files(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")  # what an earlier save wrote may be replaced
     (tmp_path / "test_0_digit_7.png").write_bytes(b"")
     assert merge_task.parse_args(["--save_model", str(tmp_path)]).save_model == tmp_path
+
+
+def test_equal_speed_columns_interpolate_bipartite_by_hand():
+    rows = [
+        {"mode": "none", "images/s": 18.0, "accuracy %": 80.0, "KL": 0.0},  # bipartite there: 73.2, KL 0.36
+        {"mode": "bipartite", "images/s": 10.0, "accuracy %": 70.0, "KL": 0.2},
+        {"mode": "bipartite", "images/s": 20.0, "accuracy %": 74.0, "KL": 0.4},
+        {"mode": "ward", "images/s": 15.0, "accuracy %": 73.0, "KL": 0.15},  # bipartite there: 72.0, KL 0.3
+        {"mode": "ward", "images/s": 5.0, "accuracy %": 75.0, "KL": 0.1},  # slower than every bipartite point
+    ]
+    rows = merge_task.add_equal_speed_columns(rows)
+    assert [row["gain at equal speed"] for row in rows[:4]] == pytest.approx([6.8, 0.0, 0.0, 1.0])
+    assert [row["KL over bipartite's at equal speed"] for row in rows[:4]] == pytest.approx([0.0, 1.0, 1.0, 0.5])
+    assert math.isnan(rows[4]["gain at equal speed"]) and math.isnan(rows[4]["KL over bipartite's at equal speed"])
