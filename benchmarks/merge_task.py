@@ -9,7 +9,8 @@ measured in one run, so that the modes can be compared at equal speed and not on
     python benchmarks/merge_task.py --train_images 512 --test_images 128 --epochs 1 --r_values 4  # a quick check
 
 Train and test use disjoint digit images (a fixed split of scikit-learn's 1797) and disjoint background pixels (each
-photograph's left three quarters for training, the rest for testing). Writes `results/merge_task.{md,csv,png}`.
+photograph's left three quarters for training, the rest for testing). Writes `results/merge_task.{md,csv,png}`
+(`--name` renames them).
 """
 
 import argparse
@@ -351,12 +352,15 @@ def parse_args(argv=None):
     add("--timing_repeats", type=int, default=9, help="timings per setting (the median is reported)")
     add("--threads", type=int, default=2, help="torch threads")
     add("--seed", type=int, default=0, help="seed of the data and of training")
-    add("--results_dir", type=Path, default=RESULTS_DIR, help="folder of merge_task.{md,csv,png}")
+    add("--results_dir", type=Path, default=RESULTS_DIR, help="folder of the results")
+    add("--name", default="merge_task", help="file name of the results: NAME.md, .csv, .png")
     add("--save_model", type=Path, help="also save the model trained without merging, and 6 test images, here")
     args = parser.parse_args(argv)
     folder = args.save_model
     if folder and folder.exists() and not (folder.is_dir() and all(map(written_by_save_model, folder.iterdir()))):
         parser.error(f"--save_model {folder} is a file or holds files this script does not write: name a new folder")
+    if not re.fullmatch(r"[\w.-]+", args.name):
+        parser.error(f"--name {args.name!r} must be a plain file name (letters, digits, _ . -)")
     if args.image_size % args.patch_size or min(args.train_images, args.test_images, args.epochs) < 1:
         parser.error("--image_size must be a multiple of --patch_size; images and epochs at least 1")
     if min(args.r_values) < 1 or not set(args.finetune_r) <= set(args.r_values):
@@ -404,7 +408,7 @@ def main(argv=None) -> str:
         f"batch {args.timing_batch}, torch {torch.__version__}, {args.threads} thread(s), seed {args.seed}; "
         f"the whole run took {time.perf_counter() - start:.0f} s."
     )
-    text = write_results(args.results_dir, "merge_task", settings, tables)
+    text = write_results(args.results_dir, args.name, settings, tables)
     print(text)
     return text
 

@@ -151,3 +151,10 @@ def test_equal_speed_columns_interpolate_bipartite_by_hand():
     assert [row["gain at equal speed"] for row in rows[:4]] == pytest.approx([6.8, 0.0, 0.0, 1.0])
     assert [row["KL over bipartite's at equal speed"] for row in rows[:4]] == pytest.approx([0.0, 1.0, 1.0, 0.5])
     assert math.isnan(rows[4]["gain at equal speed"]) and math.isnan(rows[4]["KL over bipartite's at equal speed"])
+
+
+def test_name_must_be_a_plain_file_name(capsys):
+    with pytest.raises(SystemExit) as error:
+        merge_task.parse_args(["--name", "../elsewhere"])
+    assert error.value.code == 2 and "must be a plain file name" in capsys.readouterr().err
+    assert merge_task.parse_args(["--name", "merge_task_64px"]).name == "merge_task_64px"
