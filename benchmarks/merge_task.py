@@ -267,6 +267,9 @@ def fine_tuned(base, schedule_of: dict, train_set, test, speed, num_tokens: int,
     return rows
 
 
+KL_AT_EQUAL_SPEED = f"KL over {REFERENCE_MODE}'s at equal speed"
+
+
 def add_equal_speed_columns(rows: list[dict]) -> list[dict]:
     """Beside each row, the reference mode's accuracy at the same images/s (linear between its own measured points; "-"
     outside their range) and the difference, and the row's KL over the reference's KL at the same images/s (below 1:
@@ -280,7 +283,7 @@ def add_equal_speed_columns(rows: list[dict]) -> list[dict]:
         kl_at_speed = float(np.interp(row["images/s"], speeds, kls)) if inside else math.nan
         row[f"{REFERENCE_MODE} at same images/s"] = at_speed
         row["gain at equal speed"] = row["accuracy %"] - at_speed
-        row["KL over bipartite's at equal speed"] = row["KL"] / kl_at_speed if kl_at_speed > 0 else math.nan
+        row[KL_AT_EQUAL_SPEED] = row["KL"] / kl_at_speed if kl_at_speed > 0 else math.nan
     return rows
 
 
@@ -289,9 +292,9 @@ def add_equal_speed_columns(rows: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------------------------------------------------
 
 COLUMNS = ["mode", "r", "schedule", "tokens left", "accuracy %", "KL", "images/s", "speed-up"]
-COLUMNS += [f"{REFERENCE_MODE} at same images/s", "gain at equal speed", "KL over bipartite's at equal speed"]
+COLUMNS += [f"{REFERENCE_MODE} at same images/s", "gain at equal speed", KL_AT_EQUAL_SPEED]
 DIGITS = {"accuracy %": 1, "KL": ".2e", "images/s": 0, "speed-up": 2}
-DIGITS |= {f"{REFERENCE_MODE} at same images/s": 1, "gain at equal speed": 1, "KL over bipartite's at equal speed": 2}
+DIGITS |= {f"{REFERENCE_MODE} at same images/s": 1, "gain at equal speed": 1, KL_AT_EQUAL_SPEED: 2}
 
 
 def write_results(results_dir: Path, name: str, settings: str, tables: dict) -> str:
