@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import REFERENCE_MODE, RESULTS_DIR, environment_line, set_up_cpu, write_results
+from common import MODES, REFERENCE_MODE, RESULTS_DIR, environment_line, set_up_cpu, write_results
 from merge_quality import CLUSTER_SETTINGS, SKLEARN_WARD, clustered_keys, matching_functions, merge_scatter
 
-from modeling_conformer import _merge_by_destination, ward_matching
+from modeling_conformer import _destination_from_owner, _merge_by_destination, ward_matching
 
 OPTIMUM = "optimum (reference)"
 
@@ -148,23 +148,18 @@ def optimum_matching(metric: torch.Tensor, r: int, size: torch.Tensor | None = N
     unit = torch.nn.functional.normalize(metric.double(), dim=-1)
     upper = [merge_scatter(metric[i : i + 1], None, *ward_matching(metric[i : i + 1], r, max_rounds=20))
              for i in range(batch)]  # fmt: skip
-    destination = torch.zeros(batch, num_tokens, dtype=torch.long)
+    owner = torch.arange(num_tokens).repeat(batch, 1)  # the token each one joins (itself if kept)
     for image in range(batch):
         patches = unit[image, 1:].numpy()
         # Ward's scatter came out of float32: a little slack keeps its own groups among the float64 candidates
         _, groups = least_scatter(patches, r, upper[image] * (1 + 1e-5) + 1e-9, max_candidates)
-        owner = list(range(num_tokens - 1))
-        for group in groups:
-            for token in group:
-                owner[token] = group[0]
-        kept = sorted(set(owner))
-        output = {token: 1 + index for index, token in enumerate(kept)}
-        destination[image, 1:] = torch.tensor([output[owner[token]] for token in range(num_tokens - 1)])
-    return _merge_by_destination(destination, num_tokens - r)
+        for group in groups:  # tokens in increasing order: the first stays, the others join it
+            owner[image, 1 + torch.tensor(group)] = 1 + group[0]
+    return _merge_by_destination(_destination_from_owner(owner, owner == torch.arange(num_tokens)), num_tokens - r)
 
 
 def evaluate(r_values: list[int], seeds: int, batch_size: int, num_tokens: int, channels: int, max_candidates: int):
-    functions = matching_functions(["bipartite", "submodular", "ward"], reference=True)
+    functions = matching_functions(list(MODES), reference=True)
     functions[OPTIMUM] = lambda metric, r, size: optimum_matching(metric, r, size, max_candidates)
     rows = []
     for data, kwargs in CLUSTER_SETTINGS.items():
