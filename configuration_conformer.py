@@ -1,13 +1,14 @@
 """Configuration of Conformer: a Vision Transformer whose tokens are merged inside the network."""
 
+from typing import Literal, get_args
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 
-MERGE_MODES = ("none", "bipartite", "submodular", "ward")
-CLASSIFIERS = ("token", "gap", "cnn", "token_gap", "distilled")
-MLP_TYPES = ("mlp", "swiglu")
-FINAL_LAYERNORMS = ("tokens", "pooled")
-POOLERS = ("none", "dense_tanh", "class_token", "attention")
+MergeMode = Literal["none", "bipartite", "submodular", "ward"]
+Classifier = Literal["token", "gap", "cnn", "token_gap", "distilled"]
+MERGE_MODES, CLASSIFIERS = get_args(MergeMode), get_args(Classifier)
 
 
 # Google's released ViT shapes (ViT paper, table 1) and the hybrid's ResNet stage depths, plus the
@@ -33,11 +34,6 @@ PRESETS = {
     "ViT-H_14": _vit_shape(1280, 32, 16, 14),
     "R50-ViT-B_16": _vit_shape(768, 12, 12, 16, backbone_depths=[3, 4, 9]),
 }
-
-
-def _check_choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}, got {value!r}.")
 
 
 @strict
@@ -119,24 +115,27 @@ class ConformerConfig(PreTrainedConfig):
     qkv_bias: bool = True
     representation_size: int | None = None
     backbone_depths: list[int] | None = None
-    merge_mode: str = "none"
+    merge_mode: MergeMode = "none"
     merge_r: int | list[int] = 0
     proportional_attention: bool = True
-    classifier: str = "token"
+    classifier: Classifier = "token"
     cnn_head_channels: int = 256
     class_token: bool = True
     distillation_token: bool = False
     num_register_tokens: int = 0
     layer_scale_init_value: float | None = None
-    mlp_type: str = "mlp"
+    mlp_type: Literal["mlp", "swiglu"] = "mlp"
     patch_embedding_bias: bool = True
     pre_layernorm: bool = False
-    final_layernorm: str = "tokens"
-    pooler: str = "none"
+    final_layernorm: Literal["tokens", "pooled"] = "tokens"
+    pooler: Literal["none", "dense_tanh", "class_token", "attention"] = "none"
     always_interpolate_position_embeddings: bool = False
     position_interpolation_antialias: bool = False
 
     def __post_init__(self, **kwargs):
+        num_labels = kwargs.get("num_labels")
+        if num_labels is not None and (not isinstance(num_labels, int) or num_labels < 0):
+            raise ValueError(f"`num_labels` must be a non-negative int (0: no classifier), got {num_labels!r}.")
         if isinstance(self.backbone_depths, tuple):
             self.backbone_depths = list(self.backbone_depths)
         if isinstance(self.merge_r, tuple):
@@ -156,15 +155,11 @@ class ConformerConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
-        """Raise `ValueError` naming the field and what it accepts when a value cannot work. (Whether the heads
-        divide `hidden_size` is the attention module's check, as in transformers' ViT.)"""
-        if self.merge_mode == "tome":
-            raise ValueError("`merge_mode` 'tome' is called 'bipartite' here (ToMe's bipartite soft matching).")
-        _check_choice("merge_mode", self.merge_mode, MERGE_MODES)
-        _check_choice("classifier", self.classifier, CLASSIFIERS)
-        _check_choice("mlp_type", self.mlp_type, MLP_TYPES)
-        _check_choice("final_layernorm", self.final_layernorm, FINAL_LAYERNORMS)
-        _check_choice("pooler", self.pooler, POOLERS)
+        """Raise `ValueError` naming the field and what it accepts when values cannot work together. (`@strict` checks
+        each field's type and choices; whether the heads divide `hidden_size` is the attention module's check, as in
+        transformers' ViT.)"""
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"`hidden_act` {self.hidden_act!r} is not one of transformers' activations (ACT2FN).")
         needs = {"token": "class_token", "token_gap": "class_token", "distilled": "distillation_token"}
         if self.classifier in needs and not getattr(self, needs[self.classifier]):
             raise ValueError(
@@ -191,6 +186,8 @@ class ConformerConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        if self.image_size < self.patch_size:
+            raise ValueError(f"`image_size` ({self.image_size}) is smaller than one patch ({self.patch_size} pixels).")
         if self.representation_size is not None and (
             not isinstance(self.representation_size, int) or self.representation_size <= 0
         ):

@@ -34,13 +34,13 @@ import transformers
 from accelerate import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
 from safetensors import safe_open
-from transformers import AutoImageProcessor, HfArgumentParser, Trainer, TrainingArguments, ViTImageProcessor, set_seed
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, SchedulerType, sort_checkpoints
 from transformers.training_args import OptimizerNames
 
 from configuration_conformer import CLASSIFIERS, MERGE_MODES, PRESETS, ConformerConfig
-from convert_npz_to_hf import convert_checkpoint, image_processor, parse_merge_r
-from image_data import (
+from conformer_vit.cards import write_training_card
+from conformer_vit.data import (
     IMAGE_COLUMN_NAMES,
     LABEL_COLUMN_NAMES,
     DataError,
@@ -49,8 +49,10 @@ from image_data import (
     collate_fn,
     load_image_dataset,
 )
-from model_card import write_training_card
-from modeling_conformer import SOURCE_CLASSES, ConformerForImageClassification, adapt_state_dict
+from conformer_vit.hub_folder import default_image_processor
+from conformer_vit.sources import load_image_processor, load_model, with_config
+from modeling_conformer import ConformerForImageClassification
+from token_merging import parse_merge_r
 
 logger = logging.getLogger(__name__)
 
@@ -293,42 +295,18 @@ def check_output_dir(output_dir: str):
 
 
 def load_checkpoint(model_args: ModelArguments):
-    """The pretrained model to start from, as it was saved, and its image processor (None, None from scratch)."""
-    if model_args.npz_path is not None:
-        if not os.path.isfile(model_args.npz_path):
-            raise ScriptError(f"--npz_path {model_args.npz_path!r} is not a file.")
-        try:  # the converter resamples the position embeddings itself when the size differs
-            model = convert_checkpoint(model_args.npz_path, image_size=model_args.image_size)
-        except ValueError as error:
-            raise ScriptError(f"cannot convert {model_args.npz_path!r}: {error}") from None
-        return model, image_processor(model.config)
-    if model_args.model_name_or_path is None:
-        return None, None
-
-    path = model_args.model_name_or_path
-    hub_kwargs = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token)
-    try:
-        config_dict, _ = transformers.PretrainedConfig.get_config_dict(path, **hub_kwargs)
-        # Load in float32 whatever the checkpoint's dtype: the Trainer's fp16/bf16 keep float32 master weights.
-        if config_dict.get("model_type") == "conformer":
-            model = ConformerForImageClassification.from_pretrained(path, dtype=torch.float32, **hub_kwargs)
-        else:
-            architecture = (config_dict.get("architectures") or [config_dict.get("model_type")])[0]
-            if architecture not in SOURCE_CLASSES:
-                raise ScriptError(
-                    f"--model_name_or_path {path!r} holds a {architecture}; a Conformer or one of "
-                    f"{', '.join(SOURCE_CLASSES)} is needed."
-                )
-            source = getattr(transformers, architecture).from_pretrained(path, dtype=torch.float32, **hub_kwargs)
-            model = ConformerForImageClassification.from_transformers(source)
+    """The pretrained model to start from as it was saved (None from scratch), through the project's one loader."""
+    source = model_args.npz_path or model_args.model_name_or_path
+    if source is None:
+        return None
+    try:  # float32 whatever the checkpoint's dtype: the Trainer's fp16/bf16 keep float32 master weights
+        return load_model(source, dtype=torch.float32, hub_kwargs=hub_kwargs(model_args))
     except (OSError, ValueError, TypeError) as error:  # unreadable, or an architecture Conformer cannot represent
-        raise ScriptError(f"cannot load model {path!r}: {str(error).strip().splitlines()[0]}") from None
-    try:
-        processor = AutoImageProcessor.from_pretrained(path, **hub_kwargs)
-    except OSError:  # a folder without preprocessor_config.json
-        logger.warning(f"{path!r} has no image processor; using ViTImageProcessor's defaults.")
-        processor = None
-    return model, processor
+        raise ScriptError(f"cannot load model {source!r}: {str(error).strip().splitlines()[0]}") from None
+
+
+def hub_kwargs(model_args: ModelArguments) -> dict:
+    return dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token)
 
 
 def build_config(base: ConformerConfig | None, model_args: ModelArguments, labels: list[str]) -> ConformerConfig:
@@ -371,20 +349,19 @@ def build_config(base: ConformerConfig | None, model_args: ModelArguments, label
 
 
 def build_model(model_args: ModelArguments, labels: list[str]):
-    """The model to train and its image processor, sized to the model's resolution. A checkpoint's weights go in
-    through `adapt_state_dict`: position embeddings resampled to the new grid, and a zero classifier when the labels
-    or the head type change, as the ViT paper transfers."""
-    source, processor = load_checkpoint(model_args)
-    config = build_config(None if source is None else source.config, model_args, labels)
+    """The model to train and its image processor at the model's resolution. A checkpoint's weights go in through
+    `with_config`: position embeddings resampled to the new grid, and a zero classifier when the labels or the head
+    type change, as the ViT paper transfers."""
+    base = load_checkpoint(model_args)
+    config = build_config(None if base is None else base.config, model_args, labels)
     try:
-        model = ConformerForImageClassification(config)
-        if source is not None:
-            model.load_state_dict(adapt_state_dict(source.state_dict(), model), strict=True)
+        model = ConformerForImageClassification(config) if base is None else with_config(base, config)
     except ValueError as error:  # weights that do not fit, or a merge schedule the resolution cannot run
         raise ScriptError(str(error)) from None
-    processor = processor or ViTImageProcessor()
-    processor.size = {"height": config.image_size, "width": config.image_size}
-    return model, processor
+    if base is None:
+        return model, default_image_processor(config)
+    source = model_args.npz_path or model_args.model_name_or_path
+    return model, load_image_processor(source, config, hub_kwargs(model_args))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -441,22 +418,51 @@ def compute_metrics(prediction) -> dict[str, float]:
     return accuracy(np.argmax(logits, axis=-1), prediction.label_ids)
 
 
+def trainer_loss_sum(trainer: Trainer) -> float:
+    """The sum over this run's optimizer steps of their training loss, logged or not. No public API gives it: this is
+    the one place that reads the Trainer's private `_total_loss_scalar` and `_tr_loss` (tests/test_training.py's resume
+    test fails if a release renames them)."""
+    return trainer._total_loss_scalar + trainer._tr_loss.item()
+
+
+def use_fsdp_on_cpus(trainer: Trainer):
+    """accelerate keeps its FSDP plugin only on GPU-like devices and falls back to DDP on CPUs, although torch's
+    `fully_shard` runs on CPUs with gloo: engage it, so that a sharded run can be tried on CPUs. The one place that
+    writes accelerate's private `PartialState._shared_state` (tests/test_training.py's FSDP test fails without it)."""
+    state = trainer.accelerator.state
+    if state.distributed_type == DistributedType.MULTI_CPU and parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(**(trainer.args.fsdp_plugin_args or {}))
+        state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        trainer.is_fsdp_enabled = True
+
+
+class LossSumCallback(TrainerCallback):
+    """Writes into each checkpoint the sum of all training losses so far, so that a resumed run reports the mean loss
+    of all its steps as `train_loss` (the Trainer's own counts only the steps since the resume)."""
+
+    def __init__(self, trainer: "ConformerTrainer"):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            with open(os.path.join(folder, LOSS_SUM_FILE), "w") as file:
+                json.dump({"global_step": state.global_step, "loss_sum": self.trainer.loss_sum()}, file)
+
+
 class ConformerTrainer(Trainer):
-    """`Trainer` whose checkpoints also keep the sum of all training losses so far, so that a resumed run reports the
-    mean loss of all its steps as `train_loss` (the Trainer's own counts only the steps since the resume), and whose
-    model card (`model_card.write_training_card`) names the base model and dataset and carries the evaluation result."""
+    """`Trainer` whose `train_loss` averages every step of a resumed run, and whose model card
+    (`conformer_vit.cards.write_training_card`) names the base model and dataset and carries the evaluation result."""
 
     loss_sum_before_resume = 0.0
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(LossSumCallback(self))
+
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
-        state = self.accelerator.state
-        if state.distributed_type == DistributedType.MULTI_CPU and parse_flag_from_env("ACCELERATE_USE_FSDP"):
-            # accelerate keeps its FSDP plugin only on GPU-like devices and falls back to DDP on CPUs, although
-            # torch's `fully_shard` runs on CPUs with gloo: engage it here, so that a sharded run can be tried on CPUs.
-            state.fsdp_plugin = FullyShardedDataParallelPlugin(**(self.args.fsdp_plugin_args or {}))
-            state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-            self.is_fsdp_enabled = True
+        use_fsdp_on_cpus(self)
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs):
         """`Trainer.train`, from a checkpoint folder or None; says what a resume loses that the Trainer would not."""
@@ -479,16 +485,8 @@ class ConformerTrainer(Trainer):
         return result
 
     def loss_sum(self) -> float:
-        """The sum over all optimizer steps so far of their training loss (what has been logged plus what has not)."""
-        return self.loss_sum_before_resume + self._total_loss_scalar + self._tr_loss.item()
-
-    def _save_checkpoint(self, model, trial):
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if self.args.should_save:  # written first: trainer_state.json, written last, marks the checkpoint complete
-            os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, LOSS_SUM_FILE), "w") as file:
-                json.dump({"global_step": self.state.global_step, "loss_sum": self.loss_sum()}, file)
-        super()._save_checkpoint(model, trial)
+        """The sum over all optimizer steps so far of their training loss, before and after a resume."""
+        return self.loss_sum_before_resume + trainer_loss_sum(self)
 
     def create_model_card(self, finetuned_from: str | None = None, dataset: str = "digits", **kwargs):
         if self.is_world_process_zero():
@@ -555,7 +553,7 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments, training
     set_seed(training_args.seed)
     labels = next(iter(dataset.values())).features["label"].names
     model, image_processor = build_model(model_args, labels)
-    size = (image_processor.size["height"], image_processor.size["width"])
+    size = (model.config.image_size, model.config.image_size)
     transforms = build_transforms(size, data_args.augment, image_processor.image_mean, image_processor.image_std)
     splits = {
         split: TransformedDataset(dataset[split], transform, seed=training_args.seed)
@@ -607,11 +605,10 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments, training
 def main(args: list[str] | None = None) -> int:
     """Run from the command line (`args`: its words, default `sys.argv[1:]`, or one `.json` file). Returns 0, or 2
     after printing one `error: ...` line for bad arguments or data."""
-    threads = torch.get_num_threads()
-    # A handler of our own instead of `logging.basicConfig`, removed at the end, so that main() can run in-process.
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(name)s - %(message)s", "%m/%d/%Y %H:%M:%S"))
-    logging.getLogger().addHandler(handler)
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )  # fmt: skip
     try:
         model_args, data_args, training_args = parse_arguments(sys.argv[1:] if args is None else args)
         if training_args.cpu_threads is not None:
@@ -622,9 +619,7 @@ def main(args: list[str] | None = None) -> int:
         message = str(error).strip().splitlines()[-1]
         print(f"error: {message.split('Error: ', 1)[-1]}", file=sys.stderr)
         return 2
-    finally:  # when called in-process (tests), leave the caller's settings as they were
-        logging.getLogger().removeHandler(handler)
-        torch.set_num_threads(threads)
+    finally:
         # A gloo process group left to interpreter exit can abort the process ("terminate called without an active
         # exception"): destroy it here, after every process has passed the barrier at the end of `train`.
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -19,7 +19,6 @@ forward pre-hooks on the layers; the model is not changed); `paint_merge_map` an
 """
 
 import argparse
-import contextlib
 import functools
 import math
 import sys
@@ -33,8 +32,10 @@ from matplotlib.colors import hsv_to_rgb
 from PIL import Image
 
 from configuration_conformer import MERGE_MODES
-from image_data import load_digits_dataset, load_rgb_image
-from modeling_conformer import SOURCE_CLASSES, ConformerForImageClassification, check_merge_schedule, merge_schedule
+from conformer_vit.data import load_digits_dataset, load_rgb_image
+from conformer_vit.sources import SOURCE_CLASSES, load_image_processor, reconfigured
+from conformer_vit.sources import load_model as load_model_from_source
+from token_merging import check_merge_schedule, merge_schedule
 
 SAMPLE_IMAGES = ("chelsea", "astronaut", "coffee")  # shipped inside scikit-image: no download
 DISPLAY_SIZE = 224  # panels are drawn at least this many pixels wide
@@ -316,60 +317,12 @@ def load_image(spec: str) -> tuple[Image.Image, str]:
 
 
 def load_model(model_id: str):
-    """A Conformer classifier with eager attention, from a Conformer folder or Hub id, or from a model of transformers'
-    ViT family (`SOURCE_CLASSES`: DeiT, DINOv2, CLIP, SigLIP, ...), converted on the fly by `from_transformers`."""
-    from transformers import AutoConfig, AutoModelForImageClassification
-
-    path = Path(model_id)
-    # A Hub id is `name` or `owner/name` (unless `owner` is a local folder); anything else is a local path.
-    owner, _, name = model_id.rpartition("/")
-    hub_id = name and not model_id.startswith((".", "/")) and "/" not in owner and not (owner and Path(owner).is_dir())
-    if not path.exists() and not hub_id:
-        raise VisualizeError(f"model folder not found: {model_id}")
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise VisualizeError(f"{model_id} has no config.json: give a folder written by save_pretrained")
+    """A Conformer classifier with eager attention (attention maps need it) from any source the project's loader takes:
+    a Conformer folder or Hub id, or a model of transformers' ViT family converted on the fly."""
     try:
-        config = AutoConfig.from_pretrained(model_id, trust_remote_code=True)
-        if config.model_type == "conformer":
-            model = AutoModelForImageClassification.from_pretrained(
-                model_id, trust_remote_code=True, attn_implementation="eager"
-            )
-            return model.eval()
-        architecture = (getattr(config, "architectures", None) or ["no architecture"])[0]
-        if architecture not in SOURCE_CLASSES:
-            raise VisualizeError(
-                f"{model_id} holds a {config.model_type!r} model ({architecture}), neither a Conformer nor one of "
-                f"transformers' ViT family: {', '.join(SOURCE_CLASSES)}"
-            )
-        return ConformerForImageClassification.from_transformers(model_id, attn_implementation="eager").eval()
-    except VisualizeError:
-        raise
-    except (OSError, ValueError, KeyError, ImportError) as exc:
+        return load_model_from_source(model_id, attn_implementation="eager").eval()
+    except (OSError, ValueError, TypeError, KeyError, ImportError) as exc:
         raise VisualizeError(f"cannot load model {model_id}: {first_line(exc)}") from None
-
-
-@contextlib.contextmanager
-def merging(model, merge_mode: str, merge_r, num_patches: int):
-    """Run `model` with `merge_mode` and `merge_r` inside the block, its config restored after. The layers read both
-    from the config they share with the model at call time, so one set of weights runs under every mode."""
-    config = model.config
-    saved = config.merge_mode, config.merge_r
-    try:
-        config.merge_mode, config.merge_r = merge_mode, merge_r
-        check_merge_schedule(config, num_patches)
-        yield model
-    finally:
-        config.merge_mode, config.merge_r = saved
-
-
-def load_image_processor(model_id: str, image_size: int):
-    """The model's image processor; without one, ViT's: resize to the model's size, mean and std 0.5."""
-    from transformers import AutoImageProcessor, ViTImageProcessor
-
-    try:
-        return AutoImageProcessor.from_pretrained(model_id)
-    except (OSError, ValueError, KeyError):
-        return ViTImageProcessor(size={"height": image_size, "width": image_size})
 
 
 def preprocess(image: Image.Image, processor, num_channels: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -521,10 +474,15 @@ def draw_row(caption: str, pixel_values: torch.Tensor, display: np.ndarray, mode
         ),
     ]
     own_setting = (config.merge_mode, config.merge_r)
-    for setting in settings:
-        with merging(model, *setting, num_patches=math.prod(grid)):
-            merge_trace = trace if setting == own_setting else trace_model(model, pixel_values, **forward_kwargs)
-            panels.append(merge_panel(shown, merge_trace, layer, grid, config))
+    for merge_mode, merge_r in settings:
+        if (merge_mode, merge_r) == own_setting:
+            merge_trace = trace
+        else:  # the same weights, built again with this merge setting
+            num_tokens = config.num_prefix_tokens + math.prod(grid)
+            check_merge_schedule(merge_r, config.num_hidden_layers, num_tokens, merge_mode, config.num_prefix_tokens)
+            merged = reconfigured(model, merge_mode=merge_mode, merge_r=merge_r)
+            merge_trace = trace_model(merged, pixel_values, **forward_kwargs)
+        panels.append(merge_panel(shown, merge_trace, layer, grid, config))
     return panels
 
 
@@ -539,7 +497,7 @@ def render(args: argparse.Namespace) -> Path:
         raise VisualizeError(f"--layer {args.layer} is out of range: the model has layers 0..{num_layers - 1}")
     layer = args.layer % num_layers
 
-    processor = load_image_processor(args.model, config.image_size)
+    processor = load_image_processor(args.model, config)
     inputs = [preprocess(image, processor, config.num_channels) for image, _ in images]
     num_patches = math.prod(size // config.patch_size for size in inputs[0][0].shape[-2:])
     settings = merge_settings(config, args.compare_modes, args.merge_r, num_patches)

@@ -35,7 +35,7 @@ from common import (
 from transformers import set_seed
 
 from configuration_conformer import CLASSIFIERS, ConformerConfig
-from image_data import digits_tensors
+from conformer_vit.data import digits_tensors
 from modeling_conformer import ConformerForImageClassification
 
 HEAD_MODULES = ("cnn_head", "pre_logits", "classifier")  # what follows the final layer norm

@@ -25,7 +25,8 @@ import torch.nn.functional as F  # noqa: E402
 from transformers import get_cosine_schedule_with_warmup  # noqa: E402
 
 from configuration_conformer import ConformerConfig  # noqa: E402
-from modeling_conformer import MATCHING_FUNCTIONS, ConformerForImageClassification, merge_schedule  # noqa: E402
+from modeling_conformer import ConformerForImageClassification  # noqa: E402
+from token_merging import MATCHING_FUNCTIONS, merge_schedule  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 # Every matching function the model file offers, in its order: a mode added there shows up in every table.

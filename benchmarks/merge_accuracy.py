@@ -37,7 +37,7 @@ from common import (
 )
 from transformers import set_seed
 
-from image_data import digits_tensors
+from conformer_vit.data import digits_tensors
 from modeling_conformer import ConformerForImageClassification
 
 COLUMNS = ["mode", "r", "schedule", "tokens left", "accuracy %", "agreement %", "KL", "cosine"]

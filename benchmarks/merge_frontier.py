@@ -32,7 +32,8 @@ from merge_quality import capture_keys, clustered_keys, photo_batch
 from transformers import set_seed
 
 from configuration_conformer import ConformerConfig
-from modeling_conformer import MATCHING_FUNCTIONS, ConformerForImageClassification, merge_source, merge_wavg
+from modeling_conformer import ConformerForImageClassification
+from token_merging import MATCHING_FUNCTIONS, merge_source, merge_wavg
 
 KEY_SETS = ("clustered", "photos")
 

@@ -35,7 +35,7 @@ import torch
 from common import MODES, REFERENCE_MODE, RESULTS_DIR, environment_line, set_up_cpu, write_results
 from merge_quality import CLUSTER_SETTINGS, SKLEARN_WARD, clustered_keys, matching_functions, merge_scatter
 
-from modeling_conformer import _destination_from_owner, _merge_by_destination, ward_matching
+from token_merging import destination_from_owner, merge_by_destination, ward_matching
 
 OPTIMUM = "optimum (reference)"
 
@@ -155,7 +155,7 @@ def optimum_matching(metric: torch.Tensor, r: int, size: torch.Tensor | None = N
         _, groups = least_scatter(patches, r, upper[image] * (1 + 1e-5) + 1e-9, max_candidates)
         for group in groups:  # tokens in increasing order: the first stays, the others join it
             owner[image, 1 + torch.tensor(group)] = 1 + group[0]
-    return _merge_by_destination(_destination_from_owner(owner, owner == torch.arange(num_tokens)), num_tokens - r)
+    return merge_by_destination(destination_from_owner(owner, owner == torch.arange(num_tokens)), num_tokens - r)
 
 
 def evaluate(r_values: list[int], seeds: int, batch_size: int, num_tokens: int, channels: int, max_candidates: int):

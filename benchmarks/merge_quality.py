@@ -26,13 +26,8 @@ from common import MODES, REFERENCE_MODE, RESULTS_DIR, ROOT, environment_line, s
 from transformers import set_seed
 
 from configuration_conformer import ConformerConfig
-from modeling_conformer import (
-    MATCHING_FUNCTIONS,
-    ConformerForImageClassification,
-    _merge_by_destination,
-    max_merge_r,
-    merge_wavg,
-)
+from modeling_conformer import ConformerForImageClassification
+from token_merging import MATCHING_FUNCTIONS, max_merge_r, merge_by_destination, merge_wavg
 
 SKLEARN_WARD = "sklearn ward (reference)"
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "camera", "coins", "immunohistochemistry", "hubble_deep_field")
@@ -64,7 +59,7 @@ def sklearn_ward(metric: torch.Tensor, r: int, size: torch.Tensor | None = None)
     for image in range(batch):
         clustering = AgglomerativeClustering(n_clusters=num_tokens - 1 - r, linkage="ward")
         destination[image, 1:] = 1 + clustering.fit_predict(unit[image, 1:])
-    return _merge_by_destination(torch.from_numpy(destination).to(metric.device), num_tokens - r)
+    return merge_by_destination(torch.from_numpy(destination).to(metric.device), num_tokens - r)
 
 
 def matching_functions(modes: list[str], reference: bool) -> dict:
@@ -184,7 +179,7 @@ def photo_sets(layers: list[int], seed: int) -> dict:
 
 
 def digits_sets(model_dir: str, num_images: int) -> dict:
-    from image_data import digits_tensors
+    from conformer_vit.data import digits_tensors
 
     model_dir = ROOT / model_dir  # an absolute path stays as it is
     if not (model_dir / "config.json").exists():

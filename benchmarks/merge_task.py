@@ -38,6 +38,7 @@ from common import predict as predict_pixels  # noqa: E402
 from common import train as common_train  # noqa: E402
 from common import write_results as write_tables  # noqa: E402
 
+from conformer_vit.hub_folder import remote_code_files  # noqa: E402
 from modeling_conformer import ConformerForImageClassification  # noqa: E402
 
 # Photographs and textures that scikit-image ships inside its wheel (no download).
@@ -177,10 +178,7 @@ def predict(model, images) -> torch.Tensor:
     return predict_pixels(model, to_pixel_values(images))[0]
 
 
-SAVED_FILES = (
-    "config.json", "model.safetensors", "preprocessor_config.json",
-    "configuration_conformer.py", "modeling_conformer.py",
-)  # fmt: skip
+SAVED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", *remote_code_files())
 
 
 def written_by_save_model(path: Path) -> bool:

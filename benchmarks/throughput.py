@@ -31,8 +31,9 @@ from common import (
 from transformers import ViTConfig, ViTForImageClassification, set_seed
 
 from configuration_conformer import PRESETS, ConformerConfig
-from convert_npz_to_hf import timm_vit
-from modeling_conformer import ConformerForImageClassification, merge_schedule
+from conformer_vit.timm_reference import timm_vit
+from modeling_conformer import ConformerForImageClassification
+from token_merging import merge_schedule
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REFERENCES = ("timm ViT", "transformers ViT")

@@ -5,10 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conformer_vit.hub_folder import hub_folder_files
+
 # The tiny ViT of the synthetic checkpoints: width, depth, heads, MLP width, patch size, grid side, classes.
 # What a conversion writes into its folder: the Hub layout users load with `trust_remote_code=True`.
-HUB_FOLDER_FILES = ["README.md", "config.json", "configuration_conformer.py", "model.safetensors"]
-HUB_FOLDER_FILES += ["modeling_conformer.py", "preprocessor_config.json"]
+HUB_FOLDER_FILES = list(hub_folder_files())
 TINY_VIT = dict(width=32, depth=2, heads=2, mlp=64, patch=8, grid=4, classes=5)
 
 

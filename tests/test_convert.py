@@ -25,9 +25,11 @@ from timm.models.vision_transformer import VisionTransformer, _load_weights
 from timm.models.vision_transformer_hybrid import _resnetv2
 
 import convert_npz_to_hf as converter
-import model_card
 from configuration_conformer import CLASSIFIERS, MERGE_MODES, ConformerConfig
+from conformer_vit import cards, google_npz
+from conformer_vit.hub_folder import hub_folder_files
 from modeling_conformer import ConformerForImageClassification
+from token_merging import parse_merge_r
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 WIDTH, DEPTH, HEADS, MLP, PATCH, GRID, CLASSES = (
@@ -97,7 +99,7 @@ def test_logits_equal_timm_loader(tmp_path, case):
     )
     _load_weights(reference, str(path))  # resamples position embeddings itself when the grid differs
 
-    model = converter.convert_checkpoint(path, image_size=image_size)
+    model = google_npz.convert_checkpoint(path, image_size=image_size)
 
     pixels = random_pixels(image_size)
     expected = reference(pixels)
@@ -114,7 +116,7 @@ def test_pre_logits_equal_head_of_tanh_computed_by_hand(tmp_path, backbone_depth
     reference = timm_model(32, backbone_depths=backbone_depths, num_classes=0)  # timm drops pre_logits
     _load_weights(reference, str(path))
 
-    model = converter.convert_checkpoint(path)
+    model = google_npz.convert_checkpoint(path)
 
     pixels = random_pixels(32)
     cls = reference.forward_head(reference.forward_features(pixels), pre_logits=True)
@@ -128,7 +130,7 @@ def test_pre_logits_equal_head_of_tanh_computed_by_hand(tmp_path, backbone_depth
 
 def test_new_num_labels_gives_zero_head_without_pre_logits(tmp_path):
     path = write_npz(tmp_path / "in21k.npz", google_vit_params(representation_size=24))
-    model = converter.convert_checkpoint(path, num_labels=3, merge_mode="bipartite", merge_r=2)
+    model = google_npz.convert_checkpoint(path, num_labels=3, merge_mode="bipartite", merge_r=2)
     assert model.pre_logits is None and model.config.representation_size is None
     assert model.classifier.weight.shape == (3, WIDTH)
     assert not model.classifier.weight.any() and not model.classifier.bias.any()
@@ -140,9 +142,9 @@ def test_a_new_cnn_head_starts_the_same_in_every_conversion_and_leaves_the_calle
     torch.manual_seed(1)
     expected_draw = torch.rand(3)
     torch.manual_seed(1)
-    first = converter.convert_checkpoint(plain_npz, num_labels=3, classifier="cnn").state_dict()
+    first = google_npz.convert_checkpoint(plain_npz, num_labels=3, classifier="cnn").state_dict()
     assert torch.equal(torch.rand(3), expected_draw)  # the conversion drew from a random state of its own
-    second = converter.convert_checkpoint(plain_npz, num_labels=3, classifier="cnn").state_dict()
+    second = google_npz.convert_checkpoint(plain_npz, num_labels=3, classifier="cnn").state_dict()
     cnn_keys = [key for key in first if key.startswith("cnn_head.")]
     assert cnn_keys and any(first[key].std() > 0 for key in cnn_keys)  # randomly initialised, not zeros
     assert all(torch.equal(first[key], second[key]) for key in first)
@@ -150,7 +152,7 @@ def test_a_new_cnn_head_starts_the_same_in_every_conversion_and_leaves_the_calle
 
 def test_infer_config_reads_architecture_from_shapes():
     params = google_vit_params(representation_size=24, backbone_depths=[1, 1])
-    config, _ = converter.infer_config(params)
+    config, _ = google_npz.infer_config(params)
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (WIDTH, DEPTH, HEADS)
     assert (config.intermediate_size, config.patch_size, config.image_size) == (MLP, PATCH, GRID * PATCH)
     assert config.backbone_depths == [1, 1] and config.representation_size == 24 and config.num_labels == CLASSES
@@ -158,13 +160,13 @@ def test_infer_config_reads_architecture_from_shapes():
 
 
 def test_imagenet_1k_head_gets_imagenet_class_names():
-    config, _ = converter.infer_config(google_vit_params(classes=1000))
+    config, _ = google_npz.infer_config(google_vit_params(classes=1000))
     assert config.id2label[0] == "tench, Tinca tinca" and config.id2label[999].startswith("toilet tissue")
 
 
 def test_model_type_mismatch_says_what_the_file_contains():
-    with pytest.raises(converter.ConversionError, match=r"ViT-B_16 does not match .*width 32, 2 layers, 2 heads"):
-        converter.infer_config(google_vit_params(), model_type="ViT-B_16")
+    with pytest.raises(google_npz.ConversionError, match=r"ViT-B_16 does not match .*width 32, 2 layers, 2 heads"):
+        google_npz.infer_config(google_vit_params(), model_type="ViT-B_16")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -228,14 +230,14 @@ def test_model_card_yaml_holds_hub_fields_and_merging(tmp_path):
 
 def test_model_card_of_a_fine_tuned_release_holds_upstream_accuracy():
     config = ConformerConfig.from_preset("R50-ViT-B_16", image_size=384, num_labels=1000)
-    facts = model_card.CardFacts(
+    facts = cards.CardFacts(
         model_type="R50-ViT-B_16",
         source_file="R50+ViT-B_16.npz",
         pretrained_classes=1000,
         source_image_size=384,
         keep_head=True,
     )
-    metadata = ModelCard(model_card.render_model_card(config, facts)).data.to_dict()
+    metadata = ModelCard(cards.render_model_card(config, facts)).data.to_dict()
     assert metadata["datasets"] == ["imagenet-21k", "imagenet-1k"]
     result = metadata["model-index"][0]["results"][0]
     assert result["dataset"]["type"] == "imagenet-1k"
@@ -246,7 +248,7 @@ def test_model_card_of_a_fine_tuned_release_holds_upstream_accuracy():
 def test_model_cards_directory_is_what_the_converter_generates(tmp_path, capsys):
     assert converter.main(["--write_model_cards", str(tmp_path)]) == 0
     committed = REPO_DIR / "model_cards"
-    expected_names = {f"{model_type}.md" for model_type in model_card.SEED_CHECKPOINTS}
+    expected_names = {f"{model_type}.md" for model_type in cards.SEED_CHECKPOINTS}
     assert {path.name for path in committed.glob("*.md")} == expected_names
     for name in sorted(expected_names):
         assert (committed / name).read_text(encoding="utf-8") == (tmp_path / name).read_text(encoding="utf-8"), (
@@ -446,9 +448,9 @@ def test_choices_are_the_configs(capsys):
 
 
 def test_parse_merge_r_takes_an_int_or_one_per_layer():
-    assert converter.parse_merge_r("3") == 3 and converter.parse_merge_r("2,1,0") == [2, 1, 0]
+    assert parse_merge_r("3") == 3 and parse_merge_r("2,1,0") == [2, 1, 0]
     with pytest.raises(ValueError, match="comma-separated ints"):
-        converter.parse_merge_r("2;1")
+        parse_merge_r("2;1")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -516,7 +518,7 @@ def test_from_transformers_writes_hub_folders_that_reload_equal_to_the_source(tm
 
     for name, _, _ in sources:
         out = tmp_path / f"{name}-conformer"
-        assert sorted(p.name for p in out.iterdir()) == sorted(converter.CONVERTED_FILES)
+        assert sorted(p.name for p in out.iterdir()) == sorted(hub_folder_files())
         auto_map = json.loads((out / "config.json").read_text())["auto_map"]
         assert {"AutoConfig", "AutoModel", "AutoModelForImageClassification"} <= set(auto_map)
         processor = json.loads((out / "preprocessor_config.json").read_text())

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-import image_data
-from image_data import DataError, build_transforms, load_rgb_image
+from conformer_vit import data as image_data
+from conformer_vit.data import DataError, build_transforms, load_rgb_image
 
 
 def png_header_only(width: int, height: int) -> bytes:

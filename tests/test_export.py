@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from configuration_conformer import ConformerConfig
-from convert_npz_to_hf import export_onnx
-from modeling_conformer import MATCHING_FUNCTIONS, ConformerForImageClassification
+from conformer_vit.hub_folder import export_onnx
+from modeling_conformer import ConformerForImageClassification
+from token_merging import MATCHING_FUNCTIONS
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")

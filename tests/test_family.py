@@ -12,7 +12,8 @@ import transformers
 from transformers import BertConfig, BertModel, ResNetConfig, ResNetModel
 
 from configuration_conformer import MERGE_MODES
-from modeling_conformer import SOURCE_CLASSES, ConformerForImageClassification, ConformerModel
+from conformer_vit.sources import SOURCE_CLASSES
+from modeling_conformer import ConformerForImageClassification, ConformerModel
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)

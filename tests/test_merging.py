@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from configuration_conformer import ConformerConfig
-from modeling_conformer import (
-    ConformerAttention,
-    ConformerForImageClassification,
+from modeling_conformer import ConformerAttention, ConformerForImageClassification
+from token_merging import (
     bipartite_soft_matching,
     max_merge_r,
     merge_source,
@@ -310,19 +309,30 @@ def test_gap_classifier_is_a_size_weighted_mean():
         assert torch.allclose(model(pixels).logits, expected, atol=1e-6)
 
 
-def test_merging_can_be_switched_on_a_loaded_model():
-    """merge_mode and merge_r are read from the config at call time, as after `from_pretrained(...)` of a plain ViT."""
+def test_merging_is_read_once_when_the_model_is_built_and_reconfigured_gives_the_same_weights_merging():
+    """A built model keeps the merging it was built with (transformers reads a config once); `reconfigured` builds the
+    same weights with another merge setting, equal to a model built with that config and given those weights."""
+    from conformer_vit.sources import reconfigured
+
     model = ConformerForImageClassification(ConformerConfig(**TINY)).eval()
     pixels = torch.randn(1, 3, 32, 32)
+    model.config.merge_mode, model.config.merge_r = "submodular", 4  # too late: the layers are built
     assert model(pixels, output_merge_info=True).token_sizes.shape == (1, 17)
-    model.config.merge_mode, model.config.merge_r = "submodular", 4
-    assert model(pixels, output_merge_info=True).token_sizes.shape == (1, 5)
+    model.config.merge_mode, model.config.merge_r = "none", 0
+
+    merged = reconfigured(model, merge_mode="submodular", merge_r=4)
+    reference = ConformerForImageClassification(ConformerConfig(**TINY, merge_mode="submodular", merge_r=4)).eval()
+    reference.load_state_dict(model.state_dict())
+    output = merged(pixels, output_merge_info=True)
+    assert output.token_sizes.shape == (1, 5) and not merged.training
+    assert torch.equal(output.logits, reference(pixels).logits)
+    assert model.config.merge_mode == "none"  # the original is left as it was
 
 
 @pytest.mark.parametrize("r", [1, 13, 48, 98])
 def test_ward_one_round_fast_path_gives_the_general_rounds_groups(r):
     """The default path (one product, cosines gathered) against the general rounds at max_rounds=1 with refine."""
-    from modeling_conformer import _unit_vectors_and_weights, _ward_one_round, _ward_rounds
+    from token_merging import _unit_vectors_and_weights, _ward_one_round, _ward_rounds
 
     metric = clustered_tokens(seed=r)
     size = torch.randint(1, 5, (8, 197, 1)).float()

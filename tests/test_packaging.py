@@ -19,14 +19,20 @@ SCRIPTS = ("conformer-convert", "conformer-train", "conformer-visualize")
 
 
 def local_imports(module_file: Path, local_modules: set[str]) -> set[str]:
-    """The repository's top-level modules that `module_file` imports (anywhere in it, also inside functions)."""
+    """The repository's modules (`name` or `conformer_vit.name`) that `module_file` imports (anywhere in it, also
+    inside functions)."""
     names = set()
     for node in ast.walk(ast.parse(module_file.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
+            names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names.add(node.module.split(".")[0])
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}  # `from conformer_vit import data`
     return names & local_modules
+
+
+def module_path(name: str) -> Path:
+    return REPO_DIR.joinpath(*name.split(".")).with_suffix(".py")
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +45,7 @@ def installed(tmp_path_factory):
     for path in REPO_DIR.iterdir():
         if path.is_file():
             shutil.copy2(path, source / path.name)
+    shutil.copytree(REPO_DIR / "conformer_vit", source / "conformer_vit", ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q"]
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", str(source), "-w", str(work)], check=True)
     (wheel,) = work.glob("*.whl")
@@ -61,6 +68,7 @@ def test_wheel_holds_every_module_the_scripts_import_and_the_license(installed):
     wheel, _ = installed
     names = zipfile.ZipFile(wheel).namelist()
     local_modules = {path.stem for path in REPO_DIR.glob("*.py")}
+    local_modules |= {f"conformer_vit.{path.stem}" for path in (REPO_DIR / "conformer_vit").glob("*.py")}
     entry_points = next(name for name in names if name.endswith("entry_points.txt"))
     scripts = dict(
         line.split(" = ") for line in zipfile.ZipFile(wheel).read(entry_points).decode().splitlines() if " = " in line
@@ -71,9 +79,10 @@ def test_wheel_holds_every_module_the_scripts_import_and_the_license(installed):
         module = todo.pop()
         if module not in needed:
             needed.add(module)
-            todo += local_imports(REPO_DIR / f"{module}.py", local_modules)
-    assert {"configuration_conformer", "modeling_conformer", "image_data"} <= needed
-    assert needed <= {name.removesuffix(".py") for name in names if "/" not in name}, "modules missing from the wheel"
+            todo += local_imports(module_path(module), local_modules)
+    assert {"configuration_conformer", "token_merging", "modeling_conformer", "conformer_vit.sources"} <= needed
+    in_wheel = {name.removesuffix(".py").replace("/", ".") for name in names if name.endswith(".py")}
+    assert needed <= in_wheel, f"modules missing from the wheel: {needed - in_wheel}"
     assert any(name.endswith("licenses/LICENSE") or name.endswith(".dist-info/LICENSE") for name in names)
 
 

@@ -17,9 +17,9 @@ from PIL import Image
 from sklearn.metrics import accuracy_score
 from transformers import Trainer, ViTConfig, ViTForImageClassification
 
-import image_data
 import run_image_classification as script
-from model_card import write_training_card
+from conformer_vit import data as image_data
+from conformer_vit.cards import write_training_card
 from modeling_conformer import ConformerForImageClassification, resample_position_embeddings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -340,10 +340,8 @@ def test_unsupported_model_folder_is_one_line_naming_the_supported_classes(tmp_p
 
 
 def test_npz_checkpoint_is_converted_on_the_fly(tmp_path, google_npz):
-    try:
-        from convert_npz_to_hf import convert_checkpoint
-    except ImportError:
-        pytest.skip("convert_npz_to_hf is not importable")
+    from conformer_vit.google_npz import convert_checkpoint
+
     npz = google_npz(tmp_path / "ViT-tiny.npz", width=32, depth=2, heads=2, mlp=64, patch=4, grid=4, classes=5)
     output = tmp_path / "out"
     args = ["--npz_path", npz, "--image_size", "24", "--ignore_mismatched_sizes", "--merge_mode", "submodular"]
@@ -408,22 +406,22 @@ def test_resumed_augmented_run_reproduces_the_uninterrupted_losses_and_weights(u
     assert results(output)["train_loss"] == pytest.approx(np.mean(list(expected.values())), abs=1e-4)
 
 
-def test_damaged_newest_checkpoint_is_skipped_with_a_warning(uninterrupted_run, tmp_path, capsys):
+def test_damaged_newest_checkpoint_is_skipped_with_a_warning(uninterrupted_run, tmp_path, caplog):
     output = resumed_from_step_3(uninterrupted_run, tmp_path / "resumed")
     shutil.copytree(uninterrupted_run / "checkpoint-6", output / "checkpoint-5")
     weights_file = output / "checkpoint-5" / "model.safetensors"
     weights_file.write_bytes(weights_file.read_bytes()[:-100])  # cut short, as by a full disk
     assert run_main("--output_dir", output, *RESUMABLE, "--resume_from_checkpoint", "last") == 0
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "Skipping" in out and "checkpoint-5" in out and "model.safetensors" in out
     assert step_losses(output) == step_losses(uninterrupted_run)  # resumed from checkpoint-3
 
 
-def test_missing_optimizer_state_is_reported_and_training_goes_on(uninterrupted_run, tmp_path, capsys):
+def test_missing_optimizer_state_is_reported_and_training_goes_on(uninterrupted_run, tmp_path, caplog):
     output = resumed_from_step_3(uninterrupted_run, tmp_path / "resumed")
     (output / "checkpoint-3" / "optimizer.pt").unlink()
     assert run_main("--output_dir", output, *RESUMABLE, "--resume_from_checkpoint", "last") == 0
-    assert "no optimizer.pt: the optimizer starts fresh" in capsys.readouterr().out
+    assert "no optimizer.pt: the optimizer starts fresh" in caplog.text
     assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 6
 
 

@@ -14,7 +14,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from configuration_conformer import PRESETS, ConformerConfig
-from modeling_conformer import merge_schedule
+from token_merging import merge_schedule
 
 IMAGENET_1K_CLASSES = 1000
 IMAGENET_21K_CLASSES = 21843  # Google's ImageNet-21k label set (the released checkpoints' head)
