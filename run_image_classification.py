@@ -22,10 +22,12 @@ import copy
 import json
 import logging
 import os
+import pickle
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -49,7 +51,8 @@ from conformer_vit.data import (
     collate_fn,
     load_image_dataset,
 )
-from conformer_vit.hub_folder import default_image_processor
+from conformer_vit.hub_folder import default_image_processor, hub_folder_files
+from conformer_vit.output_paths import OutputPathError, check_output
 from conformer_vit.sources import load_image_processor, load_model, with_config
 from modeling_conformer import ConformerForImageClassification
 from token_merging import parse_merge_r
@@ -57,6 +60,9 @@ from token_merging import parse_merge_r
 logger = logging.getLogger(__name__)
 
 LOSS_SUM_FILE = "loss_sum.json"  # in each checkpoint: the sum of the training losses up to it
+# What a run writes into --output_dir besides its checkpoints: a folder holding only these may be written again.
+TRAINING_OUTPUTS = {*hub_folder_files(), "runs", "all_results.json", "train_results.json", "eval_results.json"}
+TRAINING_OUTPUTS |= {"trainer_state.json", "training_args.bin", "training_curves.png"}
 
 
 class ScriptError(Exception):
@@ -276,11 +282,22 @@ def parse_arguments(args: list[str]) -> tuple[ModelArguments, DataTrainingArgume
         raise ScriptError(str(error).strip().splitlines()[0]) from error
 
 
-def check_output_dir(output_dir: str):
-    """Fail before training, not at the first save, when --output_dir cannot be written: it is a file, lies under one,
-    or is read-only. A missing folder is created, as the Trainer would."""
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ScriptError(f"--output_dir {output_dir!r} is a file, not a folder.")
+def is_training_output(folder) -> bool:
+    """Whether `folder` holds only what a training run writes (so a new run, or a resumed one, may write there)."""
+    return all(
+        entry.name in TRAINING_OUTPUTS or entry.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
+        for entry in os.scandir(folder)
+    )
+
+
+def check_output_dir(output_dir: str, inputs: list):
+    """Fail before training, not at the first save, when --output_dir must not or cannot be written: it is, holds or
+    lies inside an input (an image folder, a model, a checkpoint), holds what no training run wrote, is a file, lies
+    under one, or is read-only. A missing folder is created, as the Trainer would."""
+    try:
+        check_output(output_dir, inputs, flag="--output_dir", is_ours=is_training_output, folder=True)
+    except OutputPathError as error:
+        raise ScriptError(str(error)) from None
     try:
         os.makedirs(output_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=output_dir):  # the one reliable test: root ignores permission bits
@@ -386,6 +403,17 @@ def checkpoint_problem(folder: str) -> str | None:
         path = os.path.join(folder, name)
         if os.path.exists(path) and not zipfile.is_zipfile(path):  # torch.save writes zip archives
             return f"{name} is truncated or not a torch file"
+    return None
+
+
+def checkpoint_mismatch(folder: str, model) -> str | None:
+    """Why `folder`'s weights cannot go into `model` (None if they can): a missing, extra or other-shaped tensor."""
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    with safe_open(os.path.join(folder, "model.safetensors"), "pt") as weights:
+        found = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
+    for key in sorted(expected.keys() | found.keys()):
+        if expected.get(key) != found.get(key):
+            return f"its weights do not fit the model ({key}: {found.get(key)} there, {expected.get(key)} here)"
     return None
 
 
@@ -531,7 +559,12 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments, training
         f"{training_args.train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps} "
         f"({training_args.gradient_accumulation_steps} accumulation step(s))."
     )
-    check_output_dir(training_args.output_dir)
+    inputs = [data_args.dataset_name, data_args.train_dir, data_args.validation_dir, model_args.model_name_or_path]
+    resume = training_args.resume_from_checkpoint
+    own_checkpoint = resume and Path(training_args.output_dir).resolve() in Path(resume).resolve().parents
+    if resume and resume.lower() not in ("last", "true") and not own_checkpoint:
+        inputs.append(resume)
+    check_output_dir(training_args.output_dir, [*inputs, model_args.npz_path])
     checkpoint = find_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
     with training_args.main_process_first(desc="loading the dataset"):
@@ -553,6 +586,10 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments, training
     set_seed(training_args.seed)
     labels = next(iter(dataset.values())).features["label"].names
     model, image_processor = build_model(model_args, labels)
+    if model.config.num_channels != 3:  # every image is read as RGB
+        raise ScriptError(f"the model takes {model.config.num_channels}-channel images; training reads RGB images.")
+    if checkpoint is not None and (problem := checkpoint_mismatch(checkpoint, model)):
+        raise ScriptError(f"cannot resume from {checkpoint!r}: {problem}.")
     size = (model.config.image_size, model.config.image_size)
     transforms = build_transforms(size, data_args.augment, image_processor.image_mean, image_processor.image_std)
     splits = {
@@ -578,7 +615,12 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments, training
             "on CPUs pass --use_cpu --ddp_backend gloo."
         )
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        try:
+            train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        except pickle.UnpicklingError as error:  # `weights_only=True` refused a checkpoint file's objects
+            raise ScriptError(
+                f"cannot resume from {checkpoint!r}: a file holds objects other than tensors, which are never unpickled"
+            ) from error
         trainer.save_model()
         metrics = {**train_result.metrics, "train_samples": len(splits["train"])}
         trainer.log_metrics("train", metrics)

@@ -59,12 +59,12 @@ def merge_by_destination(destination: torch.LongTensor, num_out: int):
 
 def max_merge_r(num_tokens: int, mode: str, protect_cls: bool = True) -> int:
     """The most tokens one call of `mode`'s matching can remove from `num_tokens` (class token included)."""
-    if mode == "bipartite":
-        # Only tokens of set A (even positions) can go, and the class token, if protected, is one of them.
+    if mode == "bipartite" and num_tokens >= 2:
+        # Only tokens of set A (even positions) can go, into set B, and the class token, if protected, is in A.
         return (num_tokens + 1) // 2 - int(protect_cls)
     if mode in ("submodular", "ward"):
         # Keep the class token (if protected) and at least one other token.
-        return num_tokens - 1 - int(protect_cls)
+        return max(num_tokens - 1 - int(protect_cls), 0)
     return 0
 
 

@@ -33,11 +33,13 @@ from PIL import Image
 
 from configuration_conformer import MERGE_MODES
 from conformer_vit.data import load_digits_dataset, load_rgb_image
+from conformer_vit.output_paths import check_output as check_output_path
 from conformer_vit.sources import SOURCE_CLASSES, load_image_processor, reconfigured
 from conformer_vit.sources import load_model as load_model_from_source
 from token_merging import check_merge_schedule, merge_schedule
 
 SAMPLE_IMAGES = ("chelsea", "astronaut", "coffee")  # shipped inside scikit-image: no download
+PICTURE_MARK = "conformer-vit visualize_attention.py"  # in every PNG drawn here: only those are replaced
 DISPLAY_SIZE = 224  # panels are drawn at least this many pixels wide
 
 
@@ -263,7 +265,7 @@ def plot_panels(rows: Sequence[Sequence[Panel]], path: Path, dpi: int = 100) -> 
             axis.set_title(panel.title, fontsize=10)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, format="png", bbox_inches="tight", pad_inches=0.1)
+        figure.savefig(path, format="png", bbox_inches="tight", pad_inches=0.1, metadata={"Software": PICTURE_MARK})
     except OSError as exc:  # read-only folder or file, disk full
         raise VisualizeError(f"cannot write {path}: {exc.strerror or exc}; choose another --output") from None
     return path
@@ -279,13 +281,19 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def check_output(path: Path):
-    """Refuse, before any work, an output that cannot become a PNG file: a folder, or a path under a file."""
-    if path.is_dir():
-        raise VisualizeError(f"--output {path} is a folder; give a file name, such as {path / 'attention.png'}")
-    existing = next(folder for folder in path.absolute().parents if folder.exists())
-    if not existing.is_dir():
-        raise VisualizeError(f"--output {path} lies under {existing}, which is a file; choose a path in a folder")
+def is_our_picture(path: Path) -> bool:
+    """Whether `path` is a PNG this tool drew (it marks its pictures), which a new picture may replace."""
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get("Software") == PICTURE_MARK
+    except (OSError, ValueError):
+        return False
+
+
+def check_output(path: Path, inputs: Sequence[str]):
+    """Refuse, before any work, an output that is or lies inside an input (an image, the model's folder), a folder,
+    a path under a file, or a file this tool did not draw."""
+    check_output_path(path, inputs, flag="--output", is_ours=is_our_picture)
 
 
 @functools.cache
@@ -488,10 +496,12 @@ def draw_row(caption: str, pixel_values: torch.Tensor, display: np.ndarray, mode
 
 def render(args: argparse.Namespace) -> Path:
     """Everything the command does; bad input raises `ValueError` or `OSError`."""
-    check_output(args.output)
+    check_output(args.output, [args.model, *args.image])
     images = [load_image(spec) for spec in args.image]
     model = load_model(args.model)
     config = model.config
+    if config.num_channels not in (1, 3):
+        raise VisualizeError(f"the model takes {config.num_channels}-channel images; pictures are grey or RGB")
     num_layers = config.num_hidden_layers
     if not -num_layers <= args.layer < num_layers:
         raise VisualizeError(f"--layer {args.layer} is out of range: the model has layers 0..{num_layers - 1}")

@@ -14,8 +14,10 @@ import torch
 
 import modeling_conformer
 from configuration_conformer import ConformerConfig
+from conformer_vit.output_paths import check_output
 
 STAGING_MARK = ".converting-"  # staging folders: `.{output name}.converting-{pid}` beside the output
+ONNX_MARK = "conformer_vit.export_onnx"  # a metadata key in every ONNX file written here: only those are replaced
 
 
 class FolderError(ValueError):
@@ -61,31 +63,40 @@ def _remove_conversion(folder: Path):
     folder.rmdir()
 
 
-def check_output_dir(output_dir: Path, source: Path | None, overwrite: bool, onnx_path=None):
-    """Refuse an `--output_dir` that holds the source (checkpoint file or folder) or the working directory, is a
-    file, or holds anything but a previous conversion (without `overwrite`: anything at all); and an `onnx_path` whose
-    file or `.data` file (the weights) exists, without `overwrite`."""
-    target, cwd = output_dir.resolve(), Path.cwd().resolve()
-    sources = (source.resolve(), *source.resolve().parents) if source is not None else ()
-    if target in (cwd, *cwd.parents, *sources):
-        raise FolderError(
-            f"--output_dir {output_dir} holds the checkpoint or the current directory; name a new folder for the result"
-        )
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FolderError(f"--output_dir {output_dir} exists and is not a directory")
-    for existing in (Path(onnx_path), Path(f"{onnx_path}.data")) if onnx_path else ():
-        if existing.is_dir() or (existing.exists() and not overwrite):
-            raise FolderError(f"--export_onnx {onnx_path}: {existing} exists (pass --overwrite to replace it)")
-    if not output_dir.is_dir() or not any(output_dir.iterdir()):
-        return
-    if not overwrite:
-        raise FolderError(f"--output_dir {output_dir} exists and is not empty (pass --overwrite to replace it)")
-    foreign = _foreign_entries(output_dir)
-    if foreign:
-        raise FolderError(
-            f"--output_dir {output_dir} holds what no conversion wrote ({', '.join(foreign[:3])}"
-            f"{', ...' if len(foreign) > 3 else ''}); --overwrite replaces only a previous conversion"
-        )
+def is_hub_folder(folder: Path) -> bool:
+    """Whether `folder` holds nothing but what a Hub folder written here holds (so that it may be replaced)."""
+    return folder.is_dir() and not _foreign_entries(folder)
+
+
+def is_our_onnx(path: Path) -> bool:
+    """Whether `path` is an ONNX file `export_onnx` wrote (it marks its files), or the weights file beside one."""
+    if path.name.endswith(".onnx.data") or path.suffix == ".data":
+        path = path.with_suffix("")
+    try:
+        import onnx
+
+        graph = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not installed, not a file, not ONNX: not ours
+        return False
+    return any(prop.key == ONNX_MARK for prop in graph.metadata_props)
+
+
+def check_output_dir(output_dir: Path, sources, overwrite: bool, onnx_path=None):
+    """Refuse, before any work, an `--output_dir` that is, holds or lies inside a source, holds the working directory,
+    is a file, or holds anything but a Hub folder written here (without `overwrite`: anything at all); and an
+    `onnx_path` (or its `.data` weights) that lies inside `output_dir` or a source, or is a file `export_onnx` did not
+    write (without `overwrite`: any file)."""
+    sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources or [])
+    target, cwd = Path(output_dir).resolve(), Path.cwd().resolve()
+    if target in (cwd, *cwd.parents):
+        raise FolderError(f"--output_dir {output_dir} holds the current directory; name a new folder for the result")
+    check_output(output_dir, sources, flag="--output_dir", is_ours=is_hub_folder, overwrite=overwrite, folder=True)
+    if onnx_path:
+        onnx_target = Path(onnx_path).resolve()
+        if target == onnx_target or target in onnx_target.parents:
+            raise FolderError(f"--export_onnx {onnx_path} lies inside --output_dir {output_dir}; export beside it")
+        for path in (Path(onnx_path), Path(f"{onnx_path}.data")):
+            check_output(path, sources, flag="--export_onnx", is_ours=is_our_onnx, overwrite=overwrite)
 
 
 def _process_is_running(pid: int) -> bool:
@@ -182,6 +193,11 @@ def export_onnx(model, path, tolerance: float = 1e-4) -> float:
         raise FolderError(
             f"ONNX export failed ({type(cause).__name__}: {(str(cause) or '?').splitlines()[0]})"
         ) from None
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False)  # the weights stay in `path.data`, untouched
+    onnx.helper.set_model_props(graph, {ONNX_MARK: "1"})
+    onnx.save(graph, str(path))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (exported,) = session.run(["logits"], {"pixel_values": pixels.numpy()})
     expected = model(pixels).logits

@@ -10,12 +10,14 @@ transformers' ViT family, and the mapping that adapts the family's weights. Not 
 import copy
 import dataclasses
 import os
+import pickle
 import re
 from pathlib import Path
 
 import torch
 import transformers
 from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from torch import nn
 
 from configuration_conformer import ConformerConfig
@@ -289,7 +291,7 @@ def _check_names(config_class: type[ConformerConfig], overrides: dict):
 def _checked_location(name_or_path) -> str:
     """`name_or_path` as a string, once it is a path or a Hub id: a local path that looks like a path must exist."""
     if not isinstance(name_or_path, (str, os.PathLike)):
-        raise TypeError(
+        raise ValueError(
             f"expected a folder, a Hub id, an .npz file or a model object, got a {type(name_or_path).__name__}"
         )
     text = os.fspath(name_or_path)
@@ -354,11 +356,24 @@ def load_model(
 
         model = convert_checkpoint(location, **config_overrides)
         return model.to(dtype) if dtype is not None else model
-    config_dict, _ = transformers.PretrainedConfig.get_config_dict(location, **hub_kwargs)
-    if config_dict.get("model_type") != "conformer":
-        model = from_transformers(model_class, location, attn_implementation, hub_kwargs, **config_overrides)
-        return model.to(dtype) if dtype is not None else model
-    model = model_class.from_pretrained(location, attn_implementation=attn_implementation, dtype=dtype, **hub_kwargs)
+    try:
+        config_dict, _ = transformers.PretrainedConfig.get_config_dict(location, **hub_kwargs)
+        if config_dict.get("model_type") != "conformer":
+            model = from_transformers(model_class, location, attn_implementation, hub_kwargs, **config_overrides)
+            return model.to(dtype) if dtype is not None else model
+        model, loading = model_class.from_pretrained(
+            location, attn_implementation=attn_implementation, dtype=dtype, output_loading_info=True, **hub_kwargs
+        )
+    except (SafetensorError, RuntimeError, pickle.UnpicklingError, EOFError) as error:
+        # A truncated or foreign weights file, weights of other shapes than config.json says, a planted pickle.
+        raise ValueError(f"{location}: its weights cannot be loaded: {_first_line(error)}") from None
+    except (ValueError, StrictDataclassError) as error:  # a config that cannot work: named with its folder
+        message = _first_line(error)
+        raise ValueError(message if location in message else f"{location}: {message}") from None
+    problems = [f"{kind.split('_')[0]} {', '.join(map(str, sorted(keys)[:3]))}" for kind, keys in loading.items()
+                if kind in ("missing_keys", "unexpected_keys", "mismatched_keys") and keys]  # fmt: skip
+    if problems:
+        raise ValueError(f"{location}: the weights do not fit its config.json ({'; '.join(problems)})")
     return reconfigured(model, **config_overrides)
 
 

@@ -407,13 +407,13 @@ def test_overwrite_replaces_a_previous_conversion_only(tmp_path, capsys, plain_n
     out = tmp_path / "out"
     argv = ["--npz_path", str(plain_npz), "--output_dir", str(out)]
     assert converter.main(argv) == 0
-    assert "exists and is not empty" in run_main_expecting_error(capsys, argv)
+    assert "exists; pass --overwrite" in run_main_expecting_error(capsys, argv)
     assert converter.main([*argv, "--overwrite", "--merge_mode", "ward", "--merge_r", "2"]) == 0
     assert json.loads((out / "config.json").read_text())["merge_mode"] == "ward"
 
     (out / "notes.txt").write_text("mine")
     stderr = run_main_expecting_error(capsys, [*argv, "--overwrite"])
-    assert "holds what no conversion wrote (notes.txt)" in stderr
+    assert "a folder holding what this tool did not write" in stderr
     assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").is_file()
 
 
@@ -426,7 +426,7 @@ def test_overwrite_never_targets_the_checkpoint_or_the_working_directory(tmp_pat
     monkeypatch.chdir(folder)
     target = str(folder) if output_dir == "checkpoint folder" else output_dir
     stderr = run_main_expecting_error(capsys, ["--npz_path", str(npz), "--output_dir", target, "--overwrite"])
-    assert "holds the checkpoint or the current directory" in stderr
+    assert "holds the current directory" in stderr
     assert npz.is_file() and (tmp_path / "notes.txt").is_file()
 
 
@@ -611,5 +611,39 @@ def test_export_onnx_runs_in_onnxruntime_equal_to_eager_with_a_dynamic_batch(tmp
 def test_export_onnx_never_replaces_an_existing_file(tmp_path, capsys, plain_npz):
     (tmp_path / "model.onnx").write_text("mine")
     argv = ["--npz_path", str(plain_npz), "--output_dir", str(tmp_path / "out"), "--export_onnx"]
-    assert "exists" in run_main_expecting_error(capsys, [*argv, str(tmp_path / "model.onnx")])
+    assert "a file this tool did not write" in run_main_expecting_error(capsys, [*argv, str(tmp_path / "model.onnx")])
     assert (tmp_path / "model.onnx").read_text() == "mine" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("target", ["the npz", "the source's weights", "the output's weights"])
+def test_export_onnx_never_writes_over_an_input_or_the_folder_it_writes(tmp_path, capsys, plain_npz, target):
+    """The three data-loss cases: the ONNX graph onto the checkpoint, onto a source model's weights, onto the output
+    folder's own weights. Each is refused before anything is written, with --overwrite too."""
+    source = tmp_path / "source"
+    tiny = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=16)
+    ConformerForImageClassification(ConformerConfig(**tiny, patch_size=8)).save_pretrained(source)
+    out = tmp_path / "out"
+    if target == "the output's weights":
+        assert converter.main(["--npz_path", str(plain_npz), "--output_dir", str(out)]) == 0
+    onnx_path = {"the npz": plain_npz, "the source's weights": source / "model.safetensors"}.get(
+        target, out / "model.safetensors"
+    )
+    before = {path: path.read_bytes() for path in (plain_npz, source / "model.safetensors") if path.exists()}
+    before_out = {path.name: path.read_bytes() for path in out.iterdir()} if out.exists() else {}
+    input_flags = (
+        ["--from_transformers", str(source)] if target == "the source's weights" else ["--npz_path", str(plain_npz)]
+    )
+    argv = [*input_flags, "--output_dir", str(out), "--overwrite", "--export_onnx", str(onnx_path)]
+    stderr = run_main_expecting_error(capsys, argv)
+    assert "input" in stderr or "inside --output_dir" in stderr
+    assert all(path.read_bytes() == data for path, data in before.items())
+    assert ({path.name: path.read_bytes() for path in out.iterdir()} if out.exists() else {}) == before_out
+
+
+@pytest.mark.slow
+def test_export_onnx_replaces_its_own_file_only_with_overwrite(tmp_path, capsys, plain_npz):
+    onnx_path = tmp_path / "model.onnx"
+    argv = ["--npz_path", str(plain_npz), "--export_onnx", str(onnx_path)]
+    assert converter.main([*argv, "--output_dir", str(tmp_path / "a")]) == 0
+    assert "pass --overwrite" in run_main_expecting_error(capsys, [*argv, "--output_dir", str(tmp_path / "b")])
+    assert converter.main([*argv, "--output_dir", str(tmp_path / "b"), "--overwrite"]) == 0

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from configuration_conformer import ConformerConfig
 from modeling_conformer import ConformerAttention, ConformerForImageClassification
 from token_merging import (
+    MATCHING_FUNCTIONS,
     bipartite_soft_matching,
     max_merge_r,
     merge_source,
@@ -339,3 +340,28 @@ def test_ward_one_round_fast_path_gives_the_general_rounds_groups(r):
     for weights in (None, size):
         unit, weight = _unit_vectors_and_weights(metric, weights)
         assert torch.equal(_ward_one_round(unit, weight, r, True), _ward_rounds(unit, weight, r, True, 1, True))
+
+
+@pytest.mark.parametrize("mode", ["bipartite", "submodular", "ward"])
+@pytest.mark.parametrize("protect_cls", [True, False])
+def test_max_merge_r_is_exactly_what_the_matching_accepts_on_every_small_token_count(mode, protect_cls):
+    """Zero and one token included: every r up to `max_merge_r` merges to N - r tokens, one more is a ValueError."""
+    for num_tokens in range(7):
+        limit = max_merge_r(num_tokens, mode, protect_cls)
+        metric = torch.randn(2, num_tokens, 4, generator=torch.manual_seed(num_tokens))
+        for r in range(limit + 1):
+            merge, _ = MATCHING_FUNCTIONS[mode](metric, r, None, protect_cls)
+            assert merge(torch.randn(2, num_tokens, 3)).shape == (2, num_tokens - r, 3)
+        with pytest.raises(ValueError, match="cannot remove"):
+            MATCHING_FUNCTIONS[mode](metric, limit + 1, None, protect_cls)
+
+
+def test_merge_wavg_keeps_float64_and_runs_float16_in_float32():
+    merge, _ = bipartite_soft_matching(torch.randn(1, 9, 4), 4)
+    x = torch.randn(1, 9, 3, dtype=torch.float64)
+    merged, size = merge_wavg(merge, x)
+    assert merged.dtype == size.dtype == torch.float64
+    groups = merge(torch.eye(9, dtype=torch.float64)[None], mode="sum")[0]  # [groups, tokens]: who joined whom
+    torch.testing.assert_close(merged[0], (groups @ x[0]) / groups.sum(1, keepdim=True), rtol=1e-15, atol=1e-15)
+    half, half_size = merge_wavg(merge, torch.full((1, 9, 3), 60000.0, dtype=torch.float16))
+    assert half.dtype == torch.float16 and half_size.dtype == torch.float32 and half.isfinite().all()

@@ -165,6 +165,20 @@ def test_empty_image_folder_is_an_error(tmp_path, capsys):
     assert "holds no images" in err
 
 
+@pytest.mark.parametrize("where", ["the train folder", "inside the train folder", "a folder of the user's"])
+def test_output_dir_never_writes_into_an_input_or_a_folder_no_run_wrote(tmp_path, capsys, where):
+    """The data-loss case: --output_dir equal to --train_dir (or inside it, or a folder holding the user's files) is
+    refused before anything is written."""
+    train = image_folder(tmp_path / "train")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's notes")
+    output = {"the train folder": train, "inside the train folder": train / "cat" / "run"}.get(where, tmp_path / "mine")
+    before = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*"))
+    err = expect_error(capsys, "--train_dir", train, "--output_dir", output, *TINY_MODEL, *QUICK)
+    assert "--output_dir" in err and ("input" in err or "did not write" in err)
+    assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == before
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_corrupt_image_file_is_named(tmp_path, capsys, workers):
     train = image_folder(tmp_path / "train", modes=("RGB", "L"))
@@ -588,11 +602,13 @@ def test_bad_training_flags_are_one_line(tmp_path, capsys, flags, message):
 @pytest.mark.parametrize("where", ["file", "under a file", "read-only"])
 def test_unwritable_output_dir_is_refused_before_training(tmp_path, capsys, where):
     (tmp_path / "notes.txt").write_text("the user's file")
-    output = {"file": tmp_path / "notes.txt", "under a file": tmp_path / "notes.txt" / "run", "read-only": "/proc"}
+    output = {"file": tmp_path / "notes.txt", "under a file": tmp_path / "notes.txt" / "run"}
+    output["read-only"] = "/proc/conformer-run"  # procfs refuses new folders, root's included
     if where == "read-only" and not os.path.isdir("/proc"):
         pytest.skip("needs a read-only folder such as Linux's /proc")
     err = expect_error(capsys, "--output_dir", output[where], *TINY_MODEL, *QUICK)
-    assert ("is a file" if where == "file" else "cannot be written") in err
+    expected = {"file": "is not a folder", "under a file": "which is a file", "read-only": "cannot be written"}
+    assert expected[where] in err
     assert (tmp_path / "notes.txt").read_text() == "the user's file"
 
 
@@ -669,3 +685,28 @@ def test_model_card_names_base_model_and_dataset_with_a_valid_model_index(tmp_pa
     write_training_card(args, [], base_model=str(tmp_path), dataset="digits", config=config)
     card = ModelCard.load(tmp_path / "vit-cifar10" / "README.md")
     assert card.data.base_model is None and "model-index" not in card.data.to_dict() and str(tmp_path) in card.text
+
+
+def test_a_one_channel_model_is_refused_before_training(tmp_path, capsys):
+    overrides = ["--config_overrides", "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,num_channels=1"]
+    err = expect_error(capsys, "--output_dir", tmp_path / "out", *TINY_MODEL, *QUICK, *overrides)
+    assert "1-channel" in err and not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_resuming_a_checkpoint_of_another_width_is_one_line(uninterrupted_run, tmp_path, capsys):
+    output = resumed_from_step_3(uninterrupted_run, tmp_path / "resumed")
+    wider = [arg.replace("hidden_size=32", "hidden_size=64") for arg in RESUMABLE]
+    err = expect_error(capsys, "--output_dir", output, *wider, "--resume_from_checkpoint", "last")
+    assert "cannot resume from" in err and "do not fit the model" in err
+
+
+class Planted:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_a_planted_pickle_in_a_checkpoint_is_one_line_and_never_runs(uninterrupted_run, tmp_path, capsys):
+    output = resumed_from_step_3(uninterrupted_run, tmp_path / "resumed")
+    torch.save({"state": Planted()}, output / "checkpoint-3" / "optimizer.pt")
+    err = expect_error(capsys, "--output_dir", output, *RESUMABLE, "--resume_from_checkpoint", "last")
+    assert "cannot resume from" in err and "unpickled!" not in capsys.readouterr().out

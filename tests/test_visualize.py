@@ -249,6 +249,28 @@ def test_cli_bad_input_is_one_line_error(model_folder, tmp_path, capsys, monkeyp
         assert (tmp_path / "file.txt").read_text() == "the user's notes"
 
 
+@pytest.mark.parametrize("target", ["the input image", "the model's weights", "a picture of the user's"])
+def test_cli_never_draws_over_an_input_or_a_file_it_did_not_draw(model_folder, tmp_path, capsys, target):
+    """The data-loss cases: --output onto the input image, onto the model's weights, onto a PNG this tool did not
+    draw. Each is one error line and the file is left as it was."""
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (40, 30), (200, 120, 40)).save(image)
+    user_png = tmp_path / "holiday.png"
+    Image.new("RGB", (8, 8)).save(user_png)
+    output = {"the input image": image, "the model's weights": model_folder / "model.safetensors"}.get(target, user_png)
+    before = output.read_bytes()
+    assert main(["--model", str(model_folder), "--image", str(image), "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --output") and err.count("\n") == 1, err
+    assert output.read_bytes() == before
+
+
+def test_cli_replaces_a_picture_it_drew_itself(model_folder, tmp_path):
+    output = tmp_path / "attention.png"
+    argv = ["--model", str(model_folder), "--image", "digits:1", "--output", str(output)]
+    assert main(argv) == 0 and main(argv) == 0 and png_size(output)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # transformers' ViT family: prefix tokens first (DeiT's distillation token, DINOv2's registers), or none (SigLIP)
 # --------------------------------------------------------------------------------------------------------------------
