@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
+from transformers import PretrainedConfig
 
 from configuration_conformer import CLASSIFIERS, MERGE_MODES, ConformerConfig
 from conformer_vit.cards import CardFacts, render_model_card, write_model_cards
@@ -32,9 +33,8 @@ from conformer_vit.google_npz import (
     seeded_new_weights,
 )
 from conformer_vit.hub_folder import check_output_dir, publish, write_folder
-from conformer_vit.sources import from_transformers, load_image_processor, source_license
+from conformer_vit.sources import load_image_processor, load_model, source_license
 from conformer_vit.timm_reference import timm_reference
-from modeling_conformer import ConformerForImageClassification
 from token_merging import parse_merge_r
 
 
@@ -127,7 +127,7 @@ def convert(
         pretrained_classes=architecture.num_classes,
         source_image_size=architecture.image_size,
         keep_head=keeps_checkpoint_head(config, architecture),
-        repo_id=push_to_hub or "path/to/this/folder",
+        repo_id=push_to_hub or str(output_dir),
         command=command + " --verify",
     )
 
@@ -150,44 +150,44 @@ def convert_transformers(
     overwrite: bool = False,
     push_to_hub: str | None = None,
     onnx_path: str | None = None,
+    trust_remote_code: bool = False,
     **config_overrides,
 ) -> Path:
-    """Convert a model of transformers' ViT family (a folder, a Hub id such as `facebook/dinov2-small`, or a model
-    object) into the Hub-ready folder `output_dir`, as `convert` does for Google's npz; returns its path.
+    """Convert a model of transformers' ViT family, or a saved, trained or converted Conformer (a folder, a Hub id such
+    as `facebook/dinov2-small`, or a model object) into the Hub-ready folder `output_dir`, as `convert` does for
+    Google's npz; returns its path.
 
-    `config_overrides` go to `ConformerForImageClassification.from_transformers` (`merge_mode`, `merge_r`,
-    `image_size`, `num_labels`, `classifier`, ...); the card names the source as its base model."""
-    from transformers import AutoConfig
-
+    `config_overrides` go to the project's loader (`merge_mode`, `merge_r`, `image_size`, `num_labels`,
+    `classifier`, ...); the card names the source as its base model. A Conformer folder is loaded with this package's
+    code; `trust_remote_code` runs the folder's own code instead."""
     is_path = isinstance(source, (str, os.PathLike))
     output_dir, folder = Path(output_dir), Path(source) if is_path and Path(source).is_dir() else None
     check_output_dir(output_dir, folder, overwrite, onnx_path)
     try:
         with seeded_new_weights():
-            model = from_transformers(ConformerForImageClassification, source, **config_overrides).eval()
+            model = load_model(source, trust_remote_code=trust_remote_code, **config_overrides).eval()
     except (TypeError, ValueError, StrictDataclassError) as error:  # an unsupported class, a bad override
         raise ConversionError(str(error)) from None
-    if is_path:
-        source_config = AutoConfig.from_pretrained(source)
-        name, source_class = str(source), source_config.architectures[0]
+    if is_path:  # the config's own fields, read without running any code the folder carries
+        source_config, _ = PretrainedConfig.get_config_dict(source)
+        name, source_class = str(source), (source_config.get("architectures") or ["?"])[0]
     else:
-        source_config, name = source.config, type(source).__name__
+        source_config, name = source.config.to_dict(), type(source).__name__
         source_class = name
-    source_size = getattr(source_config, "vision_config", source_config).image_size  # CLIPModel: its vision tower
+    source_size = source_config.get("vision_config", source_config)["image_size"]  # CLIPModel: its vision tower
     has_head = "ForImageClassification" in source_class
+    source_classes = len(source_config.get("id2label") or {}) or source_config.get("num_labels")
     processor = load_image_processor(source, model.config)
     command = f"python convert_npz_to_hf.py --from_transformers {name} --output_dir {output_dir.name}"
     command += f" --image_size {model.config.image_size}" * (model.config.image_size != source_size)
     facts = CardFacts(
         model_type=None,
         source_file=name,
-        pretrained_classes=source_config.num_labels if has_head else None,
+        pretrained_classes=source_classes if has_head else None,
         source_image_size=source_size,
         # from_transformers keeps the source's head unless the classes or the classifier change
-        keep_head=has_head
-        and model.config.num_labels == source_config.num_labels
-        and "classifier" not in config_overrides,
-        repo_id=push_to_hub or "path/to/this/folder",
+        keep_head=has_head and model.config.num_labels == source_classes and "classifier" not in config_overrides,
+        repo_id=push_to_hub or str(output_dir),
         command=command + _merging_flags(model.config),
         source_class=source_class,
         preprocessing=f"`{type(processor).__name__}` (mean {processor.image_mean}, std {processor.image_std})",
@@ -234,13 +234,18 @@ ARGUMENTS = [  # (flag, argparse keywords, help)
     ("--image_size", dict(type=int), "Resolution; position embeddings are resampled bilinearly (as timm)."),
     ("--num_labels", dict(type=int), "Classes (default: the checkpoint's); another count gives a zero head."),
     ("--id2label", {}, 'JSON file naming the classes ({"0": "cat", ...} or a list); sets num_labels.'),
-    ("--merge_mode", dict(choices=MERGE_MODES, default="none"), "Token merging between attention and MLP."),
-    ("--merge_r", dict(default="0"), "Tokens merged per layer: one int, or one per layer (comma-separated)."),
+    ("--merge_mode", dict(choices=MERGE_MODES), "Token merging between attention and MLP (default: the source's)."),
+    ("--merge_r", {}, "Tokens merged per layer: one int, or one per layer (comma-separated); default: the source's."),
     ("--classifier", dict(choices=CLASSIFIERS), "Pooling for the head (default: the source's); 'cnn' gets a new head."),
     ("--push_to_hub", dict(metavar="REPO_ID"), "Upload the folder to this Hub repository afterwards."),
     ("--verify", dict(action="store_true"), "Load the folder back and compare its outputs with timm's loader."),
     ("--export_onnx", dict(metavar="PATH"), "Also export the model (merging on) to this ONNX file (+ PATH.data)."),
     ("--overwrite", dict(action="store_true"), "Replace an --output_dir that a previous conversion wrote."),
+    (
+        "--trust_remote_code",
+        dict(action="store_true"),
+        "With --from_transformers on a Conformer folder: run the folder's own code (default: this package's).",
+    ),
     (
         "--write_model_cards",
         dict(nargs="?", const="model_cards", metavar="DIR"),
@@ -271,12 +276,13 @@ def main(argv=None) -> int:
             return 0
         if bool(args.npz_path) == bool(args.from_transformers) or not args.output_dir:
             raise ConversionError("--output_dir and one of --npz_path, --from_transformers are required")
-        merge_r = parse_merge_r(args.merge_r)
-        if merge_r != 0 and args.merge_mode == "none":
+        merge_r = parse_merge_r(args.merge_r) if args.merge_r is not None else None
+        if merge_r not in (0, None) and (args.merge_mode == "none" or args.merge_mode is None and args.npz_path):
             raise ConversionError(f"--merge_r needs --merge_mode ({', '.join(MERGE_MODES[1:])})")
         id2label = _read_id2label(args.id2label) if args.id2label else None
         common = dict(overwrite=args.overwrite, push_to_hub=args.push_to_hub, onnx_path=args.export_onnx)
-        common.update(merge_mode=args.merge_mode, merge_r=merge_r)
+        merging = dict(merge_mode=args.merge_mode, merge_r=merge_r)  # only what is given: a Conformer keeps its own
+        common.update({key: value for key, value in merging.items() if value is not None})
         if args.npz_path:
             options = dict(model_type=args.model_type, image_size=args.image_size, num_labels=args.num_labels)
             options.update(id2label=id2label, verify=args.verify, classifier=args.classifier or "token")
@@ -288,7 +294,8 @@ def main(argv=None) -> int:
             overrides = {key: value for key, value in overrides.items() if value is not None}
             if id2label is not None:
                 overrides.update(label_maps(id2label), num_labels=len(id2label))
-            output_dir = convert_transformers(args.from_transformers, args.output_dir, **common, **overrides)
+            trust = dict(trust_remote_code=args.trust_remote_code)
+            output_dir = convert_transformers(args.from_transformers, args.output_dir, **common, **trust, **overrides)
     except (ValueError, OSError) as error:  # OSError: disk full, permissions; still one line
         print("error: " + " ".join(str(error).split()), file=sys.stderr)
         return 2

@@ -53,7 +53,7 @@ from conformer_vit.data import (
 )
 from conformer_vit.hub_folder import default_image_processor, hub_folder_files
 from conformer_vit.output_paths import OutputPathError, check_output
-from conformer_vit.sources import load_image_processor, load_model, with_config
+from conformer_vit.sources import load_image_processor, load_model, source_license, with_config
 from modeling_conformer import ConformerForImageClassification
 from token_merging import parse_merge_r
 
@@ -212,7 +212,7 @@ class ConformerTrainingArguments(TrainingArguments):
     max_steps: int = _recipe("max_steps", 10000)
     learning_rate: float = _recipe("learning_rate", 3e-2)
     lr_scheduler_type: SchedulerType | str = _recipe("lr_scheduler_type", "cosine")
-    warmup_steps: float = _recipe("warmup_steps", 500)
+    warmup_steps: float = _recipe("warmup_steps", 0.05)  # a share of the run: 500 of the recipe's 10000 steps
     optim: OptimizerNames | str = _recipe("optim", "sgd")
     weight_decay: float = _recipe("weight_decay", 0.0)
     max_grad_norm: float = _recipe("max_grad_norm", 1.0)
@@ -227,6 +227,8 @@ class ConformerTrainingArguments(TrainingArguments):
     logging_steps: float = _recipe("logging_steps", 20)
     report_to: None | str | list[str] = _recipe("report_to", "tensorboard")
     remove_unused_columns: bool = _recipe("remove_unused_columns", False)  # the transforms need the raw columns
+    load_best_model_at_end: bool = _recipe("load_best_model_at_end", True)  # where a run evaluates and saves alike
+    metric_for_best_model: str | None = _recipe("metric_for_best_model", "accuracy")
     cpu_threads: int | None = field(
         default=None,
         metadata={
@@ -255,6 +257,17 @@ class ConformerTrainingArguments(TrainingArguments):
             )
         if self.do_eval is False:  # TrainingArguments turns evaluation back on while eval_strategy is "steps"
             self.eval_strategy = "no"
+        # The best checkpoint is kept only where the run evaluates each checkpoint it saves.
+        steps = self.eval_strategy == "steps" and self.save_strategy == "steps"
+        if (
+            self.eval_strategy == "no"
+            or self.save_strategy != self.eval_strategy
+            or steps
+            and self.save_steps % (self.eval_steps or self.logging_steps)
+        ):
+            self.load_best_model_at_end = False
+        if not torch.cuda.is_available():  # pinning needs an accelerator; without one every DataLoader warns
+            self.dataloader_pin_memory = False
         if self.optim_args is None and self.optim == "sgd":
             self.optim_args = "momentum=0.9"
         if self.gradient_accumulation_steps is None:  # before super(): a --deepspeed config reads it there
@@ -518,7 +531,10 @@ class ConformerTrainer(Trainer):
 
     def create_model_card(self, finetuned_from: str | None = None, dataset: str = "digits", **kwargs):
         if self.is_world_process_zero():
-            write_training_card(self.args, self.state.log_history, finetuned_from, dataset, self.model.config)
+            license_name = source_license(finetuned_from) if finetuned_from else None
+            write_training_card(
+                self.args, self.state.log_history, finetuned_from, dataset, self.model.config, license_name
+            )
 
 
 def plot_training_curves(log_history: list[dict], path: str):
@@ -565,6 +581,12 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments, training
     if resume and resume.lower() not in ("last", "true") and not own_checkpoint:
         inputs.append(resume)
     check_output_dir(training_args.output_dir, [*inputs, model_args.npz_path])
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size != launched:  # DDP, FSDP or DeepSpeed: each would train alone
+        raise ScriptError(
+            f"{launched} processes were launched, but accelerate found no GPU to join them in one run; "
+            "on CPUs pass --use_cpu --ddp_backend gloo."
+        )
     checkpoint = find_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
     with training_args.main_process_first(desc="loading the dataset"):
@@ -586,6 +608,8 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments, training
     set_seed(training_args.seed)
     labels = next(iter(dataset.values())).features["label"].names
     model, image_processor = build_model(model_args, labels)
+    if training_args.ddp_find_unused_parameters is None:  # only a pooler the classifier never reads goes unused
+        training_args.ddp_find_unused_parameters = model.config.pooler in ("dense_tanh", "attention")
     if model.config.num_channels != 3:  # every image is read as RGB
         raise ScriptError(f"the model takes {model.config.num_channels}-channel images; training reads RGB images.")
     if checkpoint is not None and (problem := checkpoint_mismatch(checkpoint, model)):
@@ -608,12 +632,6 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments, training
     )
 
     logger.info(f"Distributed mode: {trainer.accelerator.distributed_type.value}.")
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and trainer.accelerator.distributed_type == DistributedType.NO:  # no gradient would be shared
-        raise ScriptError(
-            f"{launched} processes were launched, but accelerate found no GPU to join them in one run; "
-            "on CPUs pass --use_cpu --ddp_backend gloo."
-        )
     if training_args.do_train:
         try:
             train_result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -642,6 +660,10 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments, training
     if training_args.do_train and trainer.is_world_process_zero():
         plot_training_curves(trainer.state.log_history, os.path.join(training_args.output_dir, "training_curves.png"))
     trainer.accelerator.wait_for_everyone()  # no process may tear down the process group while another still uses it
+    if training_args.do_train and trainer.is_world_process_zero():
+        where = (training_args.push_to_hub and training_args.hub_model_id) or training_args.output_dir
+        print(f"Saved the model to {where}; load it with "
+              f"AutoModelForImageClassification.from_pretrained({where!r}, trust_remote_code=True)")  # fmt: skip
 
 
 def main(args: list[str] | None = None) -> int:

@@ -338,6 +338,11 @@ def preprocess(image: Image.Image, processor, num_channels: int) -> tuple[torch.
     (undoing the processor's normalisation, so the panels show exactly what the model saw)."""
     image = image.convert("L" if num_channels == 1 else "RGB")
     pixel_values = processor(images=image, return_tensors="pt")["pixel_values"].float()
+    height, width = pixel_values.shape[-2:]
+    if image.width * height != image.height * width:  # the model sees it stretched: say so once
+        print(
+            f"note: a {image.width}x{image.height} image is resized to {width}x{height}, not keeping its aspect ratio"
+        )
     display = pixel_values[0]
     if getattr(processor, "do_normalize", False):
         mean = torch.as_tensor(processor.image_mean, dtype=torch.float32).reshape(-1, 1, 1)

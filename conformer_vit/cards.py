@@ -24,6 +24,20 @@ SEED_CHECKPOINTS = ("ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32", "ViT-H_14", 
 UPSTREAM_FILE_NAMES = {"R50-ViT-B_16": "R50+ViT-B_16"}
 README_URL = "https://github.com/google-research/vision_transformer"
 ISSUE_39 = f"{README_URL}/issues/39"
+IMAGENET_1K_HUB_ID, IMAGENET_21K_HUB_ID = "ILSVRC/imagenet-1k", "ILSVRC/imagenet-21k"  # the Hub's dataset ids
+# transformers' ports of the same Google checkpoints on the Hub: a converted card's `base_model`, keyed by
+# (model type, classes, resolution).
+HUB_PORTS = {
+    **{(name, IMAGENET_21K_CLASSES, 224): f"google/vit-{size}-patch{patch}-224-in21k" for name, size, patch in (
+        ("ViT-B_16", "base", 16), ("ViT-B_32", "base", 32), ("ViT-L_16", "large", 16), ("ViT-L_32", "large", 32),
+        ("ViT-H_14", "huge", 14))},
+    ("ViT-B_16", IMAGENET_1K_CLASSES, 224): "google/vit-base-patch16-224",
+    ("ViT-B_16", IMAGENET_1K_CLASSES, 384): "google/vit-base-patch16-384",
+    ("ViT-B_32", IMAGENET_1K_CLASSES, 384): "google/vit-base-patch32-384",
+    ("ViT-L_16", IMAGENET_1K_CLASSES, 224): "google/vit-large-patch16-224",
+    ("ViT-L_16", IMAGENET_1K_CLASSES, 384): "google/vit-large-patch16-384",
+    ("ViT-L_32", IMAGENET_1K_CLASSES, 384): "google/vit-large-patch32-384",
+}  # fmt: skip
 # ImageNet-1k top-1 (%) of Google's released ImageNet-21k -> ImageNet-2012 fine-tuned checkpoints, keyed by
 # (model type, fine-tuning resolution): only numbers Google states for those very files, with their source.
 UPSTREAM_ACCURACY = {
@@ -109,11 +123,14 @@ trained without merging; expect some loss of accuracy until the model is fine-tu
 ## Usage
 
 ```python
+from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 processor = AutoImageProcessor.from_pretrained("{{ facts.repo_id }}")
 model = AutoModelForImageClassification.from_pretrained("{{ facts.repo_id }}", trust_remote_code=True)
+image = Image.open("photo.jpg").convert("RGB")
 logits = model(**processor(images=image, return_tensors="pt")).logits
+print(model.config.id2label[logits.argmax(-1).item()])
 ```
 {% if not facts.source_class %}
 ## Upstream results
@@ -181,7 +198,7 @@ class CardFacts:
     pretrained_classes: int | None  # the checkpoint's head
     source_image_size: int
     keep_head: bool
-    repo_id: str = "path/to/this/folder"
+    repo_id: str  # the Hub id once pushed, the folder's path before
     command: str = ""
     verification: dict | None = None
     source_class: str | None = None  # a transformers source's class (`Dinov2Model`, ...); None for Google's npz
@@ -237,13 +254,13 @@ def _card_data(config: ConformerConfig, facts: CardFacts, merging: dict, name: s
     if facts.source_class:
         return ModelCardData(license=source_license, base_model=hub_id(facts.source_file), **common)
     # Google released these shapes pre-trained on ImageNet-21k; for other shapes only the class count speaks.
-    datasets = ["imagenet-21k"] * bool(facts.model_type or facts.pretrained_classes == IMAGENET_21K_CLASSES)
-    datasets += ["imagenet-1k"] * (facts.pretrained_classes == IMAGENET_1K_CLASSES)
+    datasets = [IMAGENET_21K_HUB_ID] * bool(facts.model_type or facts.pretrained_classes == IMAGENET_21K_CLASSES)
+    datasets += [IMAGENET_1K_HUB_ID] * (facts.pretrained_classes == IMAGENET_1K_CLASSES)
     accuracy, results = facts.upstream_accuracy, {}
     if accuracy:
         result = EvalResult(
             task_type="image-classification",
-            dataset_type="imagenet-1k",
+            dataset_type=IMAGENET_1K_HUB_ID,
             dataset_name="ImageNet-1k",
             dataset_split="validation",
             metric_type="accuracy",
@@ -253,7 +270,8 @@ def _card_data(config: ConformerConfig, facts: CardFacts, merging: dict, name: s
             source_url=accuracy[2],
         )
         results = dict(metrics=["accuracy"], model_name=f"conformer-{name}", eval_results=[result])
-    return ModelCardData(license="apache-2.0", datasets=datasets or None, **results, **common)
+    base_model = HUB_PORTS.get((facts.model_type, facts.pretrained_classes, facts.source_image_size))
+    return ModelCardData(license="apache-2.0", base_model=base_model, datasets=datasets or None, **results, **common)
 
 
 def render_model_card(config: ConformerConfig, facts: CardFacts, source_license: str | None = None) -> str:
@@ -293,7 +311,7 @@ def seed_model_card(model_type: str) -> str:
     )
     file_name = UPSTREAM_FILE_NAMES.get(model_type, model_type) + ".npz"
     command = f"python convert_npz_to_hf.py --npz_path {file_name} --output_dir {model_type}-conformer --verify"
-    facts = CardFacts(model_type, file_name, IMAGENET_21K_CLASSES, 224, keep_head=True, command=command)
+    facts = CardFacts(model_type, file_name, IMAGENET_21K_CLASSES, 224, True, f"{model_type}-conformer", command)
     return render_model_card(config, facts)
 
 
@@ -317,22 +335,26 @@ A Conformer ({config.num_hidden_layers} layers, width {config.hidden_size}, {con
 `{config.classifier}` classifier) {origin} on `{dataset}` with `run_image_classification.py`: {score} on its \
 validation split.
 
-Training: {args.max_steps} steps of {batch} images, `{args.optim}` at learning rate {args.learning_rate} \
-({args.lr_scheduler_type} schedule, {args.warmup_steps} warmup steps), weight decay {args.weight_decay}, \
-seed {args.seed}.
+Training: {args.max_steps} steps of {batch} images, `{optimizer}` at learning rate {args.learning_rate} \
+({scheduler} schedule, {warmup} warmup steps), weight decay {args.weight_decay}, seed {args.seed}.
 
 ```python
+from PIL import Image
 from transformers import pipeline
 
-classify = pipeline("image-classification", model="{name}", trust_remote_code=True)
+classify = pipeline("image-classification", model={location!r}, trust_remote_code=True)
+print(classify(Image.open("photo.jpg")))
 ```
 """
 
 
-def write_training_card(args, eval_results: list[dict], base_model: str | None, dataset: str, config):
+def write_training_card(
+    args, eval_results: list[dict], base_model: str | None, dataset: str, config, base_license: str | None = None
+):
     """README.md of a model trained by `run_image_classification.py` (`args`: its `TrainingArguments`), with the Hub's
-    metadata (`base_model`, `datasets`, a `model-index` with the evaluation accuracy) and a short text saying what was
-    trained from what, on what, and how to load it."""
+    metadata (`base_model`, `datasets`, a `model-index` with the evaluation accuracy, the license: the base model's
+    `base_license` where it is known, Apache-2.0 from scratch or from Google's checkpoints) and a short text saying
+    what was trained from what, on what, and how to load it: by its Hub id once pushed, by its folder before."""
     name = os.path.basename(os.path.normpath(args.output_dir))
     evaluation = next((entry for entry in reversed(eval_results) if "eval_accuracy" in entry), None)
     results = [
@@ -349,7 +371,8 @@ def write_training_card(args, eval_results: list[dict], base_model: str | None, 
     data = ModelCardData(
         model_name=name, base_model=hub_id_of(base_model),
         datasets=[dataset] if dataset != "digits" and hub_id_of(dataset) else None,  # digits: scikit-learn's own
-        license="apache-2.0", library_name="transformers", pipeline_tag="image-classification",
+        license=base_license if base_model and not str(base_model).endswith(".npz") else "apache-2.0",
+        library_name="transformers", pipeline_tag="image-classification",
         tags=["image-classification", "vision", "conformer", "token-merging"], eval_results=results,
     )  # fmt: skip
     merging = f"`{config.merge_mode}` merging, r = {config.merge_r}" if config.merge_mode != "none" else "no merging"
@@ -358,5 +381,9 @@ def write_training_card(args, eval_results: list[dict], base_model: str | None, 
         origin=f"fine-tuned from `{base_model}`" if base_model else "trained from scratch",
         score=f"{evaluation['eval_accuracy']:.4f} accuracy" if evaluation else "no evaluation",
         batch=args.train_batch_size * args.world_size * args.gradient_accumulation_steps,
+        optimizer=getattr(args.optim, "value", args.optim),  # the plain name, not `OptimizerNames.SGD`
+        scheduler=getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
+        warmup=args.get_warmup_steps(args.max_steps) if args.max_steps > 0 else args.warmup_steps,
+        location=(args.push_to_hub and args.hub_model_id) or args.output_dir,
     )  # fmt: skip
     ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}").save(os.path.join(args.output_dir, "README.md"))

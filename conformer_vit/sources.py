@@ -9,6 +9,7 @@ transformers' ViT family, and the mapping that adapts the family's weights. Not 
 
 import copy
 import dataclasses
+import functools
 import os
 import pickle
 import re
@@ -19,6 +20,7 @@ import transformers
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from torch import nn
+from transformers import AutoModel, AutoModelForImageClassification
 
 from configuration_conformer import ConformerConfig
 from modeling_conformer import ConformerForImageClassification, ConformerPreTrainedModel, resample_position_embeddings
@@ -338,12 +340,14 @@ def load_model(
     attn_implementation: str | None = None,
     dtype: torch.dtype | None = None,
     hub_kwargs: dict | None = None,
+    trust_remote_code: bool = False,
     **config_overrides,
 ) -> ConformerPreTrainedModel:
     """A `model_class` from any source the project takes: a Conformer folder or Hub id (loaded with this package's
     classes), a Google `.npz` (converted in memory, exact to timm's loader), a ViT-family folder, Hub id or model
     object (`from_transformers`). `config_overrides` change the config (merging, image size, labels, head);
-    `hub_kwargs` (cache_dir, revision, token) go to the Hub. Bad input raises `ValueError` or `OSError` naming it."""
+    `hub_kwargs` (cache_dir, revision, token) go to the Hub. A Conformer folder's own code runs only with
+    `trust_remote_code`. Bad input raises `ValueError` or `OSError` naming it."""
     hub_kwargs = hub_kwargs or {}
     if isinstance(source, ConformerPreTrainedModel):
         return reconfigured(source, **config_overrides)
@@ -361,7 +365,12 @@ def load_model(
         if config_dict.get("model_type") != "conformer":
             model = from_transformers(model_class, location, attn_implementation, hub_kwargs, **config_overrides)
             return model.to(dtype) if dtype is not None else model
-        model, loading = model_class.from_pretrained(
+        # This package's classes, unless the caller trusts the folder's own code: then transformers' Auto class runs it.
+        loader = model_class.from_pretrained
+        if trust_remote_code:
+            auto = AutoModel if model_class.__name__ == "ConformerModel" else AutoModelForImageClassification
+            loader = functools.partial(auto.from_pretrained, trust_remote_code=True)
+        model, loading = loader(
             location, attn_implementation=attn_implementation, dtype=dtype, output_loading_info=True, **hub_kwargs
         )
     except (SafetensorError, RuntimeError, pickle.UnpicklingError, EOFError) as error:

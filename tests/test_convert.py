@@ -236,11 +236,12 @@ def test_model_card_of_a_fine_tuned_release_holds_upstream_accuracy():
         pretrained_classes=1000,
         source_image_size=384,
         keep_head=True,
+        repo_id="r50-vit-b16",
     )
     metadata = ModelCard(cards.render_model_card(config, facts)).data.to_dict()
-    assert metadata["datasets"] == ["imagenet-21k", "imagenet-1k"]
+    assert metadata["datasets"] == ["ILSVRC/imagenet-21k", "ILSVRC/imagenet-1k"]
     result = metadata["model-index"][0]["results"][0]
-    assert result["dataset"]["type"] == "imagenet-1k"
+    assert result["dataset"]["type"] == "ILSVRC/imagenet-1k"
     assert result["metrics"][0]["type"] == "accuracy" and result["metrics"][0]["value"] == 85.082
     assert "github.com/google-research/vision_transformer" in result["source"]["url"]
 
@@ -255,7 +256,7 @@ def test_model_cards_directory_is_what_the_converter_generates(tmp_path, capsys)
             f"model_cards/{name} is stale: regenerate with python convert_npz_to_hf.py --write_model_cards"
         )
         metadata = ModelCard.load(committed / name).data.to_dict()
-        assert metadata["datasets"] == ["imagenet-21k"] and metadata["pipeline_tag"] == "image-classification"
+        assert metadata["datasets"] == ["ILSVRC/imagenet-21k"] and metadata["pipeline_tag"] == "image-classification"
     assert "85.082% top-1" in (committed / "R50-ViT-B_16.md").read_text(encoding="utf-8")
 
 
@@ -647,3 +648,60 @@ def test_export_onnx_replaces_its_own_file_only_with_overwrite(tmp_path, capsys,
     assert converter.main([*argv, "--output_dir", str(tmp_path / "a")]) == 0
     assert "pass --overwrite" in run_main_expecting_error(capsys, [*argv, "--output_dir", str(tmp_path / "b")])
     assert converter.main([*argv, "--output_dir", str(tmp_path / "b"), "--overwrite"]) == 0
+
+
+def card_snippet(card_path: Path) -> str:
+    card = ModelCard.load(card_path)  # parses: the metadata is valid YAML the Hub reads
+    return card.text.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def run_snippet(snippet: str, cwd: Path) -> subprocess.CompletedProcess:
+    from PIL import Image
+
+    Image.new("RGB", (60, 40), (120, 30, 200)).save(cwd / "photo.jpg")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(cwd / "modules")}
+    env.pop("PYTHONPATH", None)
+    return subprocess.run([sys.executable, "-c", snippet], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_converted_cards_usage_snippet_runs_as_written_against_the_folder(tmp_path, plain_npz):
+    out = tmp_path / "out"
+    assert converter.main(["--npz_path", str(plain_npz), "--output_dir", str(out)]) == 0
+    snippet = card_snippet(out / "README.md")
+    assert str(out) in snippet and "path/to/this/folder" not in snippet
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    done = run_snippet(snippet, workdir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() in ConformerForImageClassification.from_pretrained(out).config.id2label.values()
+
+
+def test_google_cards_name_hub_datasets_and_the_transformers_port_as_base_model():
+    for model_type in cards.SEED_CHECKPOINTS:
+        data = ModelCard(cards.seed_model_card(model_type)).data
+        assert data.datasets == ["ILSVRC/imagenet-21k"] and data.license == "apache-2.0"
+        expected = None if model_type.startswith("R50") else "google/vit-"
+        assert (data.base_model or None) == expected or data.base_model.startswith(expected)
+        assert f"{model_type}-conformer" in ModelCard(cards.seed_model_card(model_type)).text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trust_remote_code", [False, True])
+def test_a_saved_conformer_folder_converts_and_exports_to_onnx_without_a_prompt(tmp_path, trust_remote_code):
+    """A saved (or trained) Conformer folder through --from_transformers: this package's code by default, the folder's
+    own with --trust_remote_code (transformers would otherwise prompt for it); the ONNX graph equals the folder's
+    model."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16)
+    source = tmp_path / "saved"
+    saved = ConformerForImageClassification(ConformerConfig(**tiny, patch_size=4, merge_mode="ward", merge_r=3))
+    saved.eval().save_pretrained(source)
+    onnx_path, out = tmp_path / "model.onnx", tmp_path / "out"
+    argv = ["--from_transformers", str(source), "--output_dir", str(out), "--export_onnx", str(onnx_path)]
+    assert converter.main([*argv, *["--trust_remote_code"] * trust_remote_code]) == 0
+    pixels = random_pixels(16, batch=3)
+    (logits,) = onnxruntime.InferenceSession(str(onnx_path)).run(["logits"], {"pixel_values": pixels.numpy()})
+    with torch.no_grad():
+        assert np.abs(logits - saved(pixels).logits.numpy()).max() < TOLERANCE
+    assert ModelCard.load(out / "README.md").data.to_dict()["token_merging"]["merge_mode"] == "ward"

@@ -107,3 +107,56 @@ def test_installed_scripts_answer_help(installed, tmp_path, script):
     result = run_installed(installed[1], script, "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "usage" in result.stdout.lower()
+
+
+def core_site(target: Path) -> set[str]:
+    """A folder holding exactly the distributions `pip install conformer-vit` installs without extras: the wheel's
+    core requirements and theirs, found from this environment's metadata and linked in. Returns their names."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    wanted = [Requirement(line) for line in metadata.requires("conformer-vit") if "extra ==" not in line]
+    names, todo = set(), [requirement.name for requirement in wanted]
+    while todo:
+        name = todo.pop().lower().replace("_", "-")
+        if name in names:
+            continue
+        names.add(name)
+        distribution = metadata.distribution(name)
+        for line in distribution.requires or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+        for top in {Path(str(file)).parts[0] for file in distribution.files or []} - {"..", "bin"}:
+            link, source = target / top, Path(distribution.locate_file(top))
+            if source.exists() and not link.exists():
+                link.symlink_to(source)
+    return names
+
+
+@pytest.mark.slow
+def test_the_bare_install_converts_and_loads_a_folder_with_only_the_core_requirements(installed, tmp_path, google_npz):
+    """`pip install conformer-vit` without extras: the wheel (installed with --no-deps) beside exactly its core
+    requirements converts a Google checkpoint and loads the folder with the Auto classes and remote code."""
+    (tmp_path / "core").mkdir()
+    names = core_site(tmp_path / "core")
+    assert {"torch", "transformers", "safetensors", "numpy"} <= names
+    assert not names & {"accelerate", "datasets", "evaluate", "timm", "torchvision", "scikit-learn", "matplotlib"}
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": os.pathsep.join([str(installed[1]), str(tmp_path / "core")])}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HOME=str(tmp_path))
+    convert = [str(installed[1] / "bin" / "conformer-convert"), "--npz_path", str(google_npz(tmp_path / "v.npz"))]
+    convert += ["--output_dir", str(tmp_path / "out"), "--merge_mode", "ward", "--merge_r", "2"]
+    script = """
+import importlib.util, sys, torch
+from transformers import AutoModel, AutoModelForImageClassification
+for extra in ("accelerate", "datasets", "timm", "torchvision", "sklearn", "matplotlib", "scipy"):
+    assert importlib.util.find_spec(extra) is None, extra
+model = AutoModelForImageClassification.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+base = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)
+print(type(model).__name__, type(base).__name__, model(torch.zeros(1, 3, 32, 32)).logits.shape[-1])
+"""
+    for command in ([sys.executable, "-S", *convert], [sys.executable, "-S", "-c", script, str(tmp_path / "out")]):
+        done = subprocess.run(command, cwd=tmp_path / "core", env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["ConformerForImageClassification", "ConformerModel", "5"]

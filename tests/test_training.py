@@ -91,7 +91,8 @@ def image_folder(root, modes=("RGB", "L", "RGBA", "P"), classes=("cat", "dog")):
 def test_defaults_are_the_original_recipe_with_an_sgd_momentum_optimizer(tmp_path):
     _, data_args, args = script.parse_arguments(["--output_dir", str(tmp_path), "--use_cpu"])
     assert (args.learning_rate, args.weight_decay, args.max_grad_norm) == (3e-2, 0.0, 1.0)
-    assert (args.lr_scheduler_type, args.warmup_steps, args.max_steps) == ("cosine", 500, 10000)
+    assert (args.lr_scheduler_type, args.get_warmup_steps(args.max_steps), args.max_steps) == ("cosine", 500, 10000)
+    assert args.load_best_model_at_end and args.metric_for_best_model == "accuracy" and not args.dataloader_pin_memory
     assert (args.eval_strategy, args.eval_steps) == ("steps", 100)
     # 512 images per optimizer step: 64 per micro-batch times 8 accumulation steps on one process.
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (64, 8)
@@ -102,6 +103,15 @@ def test_defaults_are_the_original_recipe_with_an_sgd_momentum_optimizer(tmp_pat
     assert isinstance(optimizer, torch.optim.SGD)
     assert optimizer.defaults["momentum"] == 0.9 and optimizer.defaults["lr"] == 3e-2
     assert all(group["weight_decay"] == 0.0 for group in optimizer.param_groups)
+
+
+def test_warmup_scales_with_a_short_run_and_the_best_checkpoint_needs_evaluation(tmp_path):
+    _, _, args = script.parse_arguments(["--output_dir", str(tmp_path), "--use_cpu", "--max_steps", "20"])
+    assert args.get_warmup_steps(args.max_steps) == 1  # 5% of 20 steps, not the recipe's 500
+    _, _, args = script.parse_arguments(["--output_dir", str(tmp_path), "--use_cpu", "--do_eval", "False"])
+    assert not args.load_best_model_at_end  # nothing to choose the best by
+    _, _, args = script.parse_arguments(["--output_dir", str(tmp_path), "--use_cpu", "--save_steps", "150"])
+    assert not args.load_best_model_at_end  # saves that fall between evaluations: TrainingArguments would refuse
 
 
 def test_explicit_flags_override_the_recipe(tmp_path):
@@ -224,7 +234,7 @@ def test_hub_style_dataset_with_cifar10_features(tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_digits_end_to_end_learns_and_saves_a_loadable_model(tmp_path):
+def test_digits_end_to_end_learns_and_saves_a_loadable_model(tmp_path, capsys):
     output = tmp_path / "run"
     model = ["--model_type", "ViT-Ti_16", "--image_size", "16", "--patch_size", "4", "--merge_mode", "submodular"]
     model += ["--config_overrides", "hidden_size=64,num_hidden_layers=4,num_attention_heads=4,intermediate_size=128"]
@@ -232,9 +242,14 @@ def test_digits_end_to_end_learns_and_saves_a_loadable_model(tmp_path):
     args += ["--per_device_train_batch_size", "32", "--total_batch_size", "32", "--eval_strategy", "steps"]
     args += ["--eval_steps", "100", "--report_to", "tensorboard", "--logging_steps", "25"]
     assert run_main("--output_dir", output, *args) == 0
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line == (
+        f"Saved the model to {output}; load it with "
+        f"AutoModelForImageClassification.from_pretrained({str(output)!r}, trust_remote_code=True)"
+    )
 
     metrics = results(output)
-    assert metrics["eval_accuracy"] > 0.5  # ten classes: chance is 0.1 (0.71 measured)
+    assert metrics["eval_accuracy"] > 0.5  # ten classes: chance is 0.1
     assert (output / "training_curves.png").stat().st_size > 0
     assert list(output.glob("runs/*/events.out.tfevents.*"))
     for name in ("model.safetensors", "config.json", "preprocessor_config.json", "modeling_conformer.py"):
@@ -680,11 +695,35 @@ def test_model_card_names_base_model_and_dataset_with_a_valid_model_index(tmp_pa
     assert (results[0].metric_type, results[0].metric_value, results[0].dataset_type) == ("accuracy", 0.8123, "cifar10")
     assert "fine-tuned from `google/vit-base-patch16-224` on `cifar10`" in card.text and "0.8123 accuracy" in card.text
     assert "[](https://huggingface.co/)" not in card.content
+    assert "`sgd` at learning rate 0.03 (cosine schedule, 500 warmup steps)" in card.text  # plain names, steps
+    assert "Names." not in card.text and "Type." not in card.text
+    assert card.data.license is None  # the base model's license is not known offline: none is claimed
+    assert f"model={str(tmp_path / 'vit-cifar10')!r}" in card.text  # the folder until it is pushed
 
-    # A local folder is not a Hub id: named in the text, not claimed as `base_model`
-    write_training_card(args, [], base_model=str(tmp_path), dataset="digits", config=config)
+    # A local folder is not a Hub id: named in the text, not claimed as `base_model`; its card's license is kept
+    write_training_card(args, [], base_model=str(tmp_path), dataset="digits", config=config, base_license="mit")
     card = ModelCard.load(tmp_path / "vit-cifar10" / "README.md")
     assert card.data.base_model is None and "model-index" not in card.data.to_dict() and str(tmp_path) in card.text
+    assert card.data.license == "mit"
+    write_training_card(args, [], base_model=None, dataset="digits", config=config)  # from scratch: the project's
+    assert ModelCard.load(tmp_path / "vit-cifar10" / "README.md").data.license == "apache-2.0"
+
+    args.push_to_hub, args.hub_model_id = True, "user/vit-cifar10"  # once pushed, the snippet names the Hub id
+    write_training_card(args, [], base_model=None, dataset="digits", config=config)
+    assert "model='user/vit-cifar10'" in ModelCard.load(tmp_path / "vit-cifar10" / "README.md").text
+
+
+@pytest.mark.slow
+def test_trained_cards_snippet_runs_as_written_against_the_folder(tmp_path):
+    from test_convert import card_snippet, run_snippet
+
+    output = tmp_path / "run"
+    assert run_main("--output_dir", output, *TINY_MODEL, *QUICK) == 0
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    done = run_snippet(card_snippet(output / "README.md"), workdir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "'label':" in done.stdout
 
 
 def test_a_one_channel_model_is_refused_before_training(tmp_path, capsys):
@@ -710,3 +749,17 @@ def test_a_planted_pickle_in_a_checkpoint_is_one_line_and_never_runs(uninterrupt
     torch.save({"state": Planted()}, output / "checkpoint-3" / "optimizer.pt")
     err = expect_error(capsys, "--output_dir", output, *RESUMABLE, "--resume_from_checkpoint", "last")
     assert "cannot resume from" in err and "unpickled!" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_config_trains_on_two_cpu_processes_and_reloads(tmp_path):
+    """accelerate_configs/deepspeed_zero2.yaml as the docs give it for CPUs (--use_cpu --ddp_backend gloo)."""
+    pytest.importorskip("deepspeed")
+    output = tmp_path / "zero2"
+    launcher = ["--config_file", REPO / "accelerate_configs" / "deepspeed_zero2.yaml"]
+    done = accelerate_launch(tmp_path, launcher, REPO / "run_image_classification.py",
+                             ["--output_dir", output, *TINY_MODEL, *QUICK])  # fmt: skip
+    assert "Process 1 of 2" in done.stdout + done.stderr and "Distributed mode: DEEPSPEED" in done.stdout
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 4
+    reloaded = ConformerForImageClassification.from_pretrained(output)
+    assert reloaded.config.merge_mode == "submodular" and "eval_accuracy" in results(output)

@@ -389,3 +389,11 @@ def test_cli_refuses_a_folder_outside_the_family_in_one_line(tmp_path, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert "'resnet'" in err and "ResNetModel" in err and "DeiTModel" in err and "SiglipVisionModel" in err
     assert not output.exists()
+
+
+def test_a_non_square_image_is_said_to_be_stretched_in_one_line(model_folder, tmp_path, capsys):
+    image = tmp_path / "wide.png"
+    Image.new("RGB", (200, 120), (10, 200, 40)).save(image)
+    assert main(["--model", str(model_folder), "--image", str(image), "--output", str(tmp_path / "a.png")]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: a 200x120 image is resized to 32x32, not keeping its aspect ratio"]
