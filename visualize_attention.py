@@ -160,7 +160,7 @@ class MergeTrace:
     """What one forward pass did. `source_maps[l]` enters layer l and the last one is the output's, so there is one
     more source map than attention map; token sizes are counted from them (`token_sizes_from_source_map`)."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None for a backbone (a ConformerModel)
     attentions: list[torch.Tensor]  # [batch, heads, N_l, N_l] each
     source_maps: list[torch.LongTensor]  # [batch, prefix + patches] each
 
@@ -169,7 +169,8 @@ def trace_model(model, pixel_values: torch.Tensor, **forward_kwargs) -> MergeTra
     """Run a Conformer image classifier (loaded with `attn_implementation="eager"`) and collect each layer's attention
     and the source map entering it. The source maps come from forward pre-hooks on `model.conformer.layers`, removed
     before returning."""
-    layers = model.conformer.layers
+    classifier = hasattr(model, "conformer")  # a ConformerForImageClassification, or a ConformerModel backbone
+    layers = (model.conformer if classifier else model).layers
     source_maps = []
 
     def record(module, args, kwargs):  # the layer's arguments: hidden_states, token_sizes, source_map
@@ -178,7 +179,8 @@ def trace_model(model, pixel_values: torch.Tensor, **forward_kwargs) -> MergeTra
     handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
     try:
         with torch.no_grad():
-            outputs = model(pixel_values, output_attentions=True, output_merge_info=True, **forward_kwargs)
+            merge_info = {"output_merge_info": True} if classifier else {}  # a base model always returns it
+            outputs = model(pixel_values, output_attentions=True, **merge_info, **forward_kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -189,7 +191,7 @@ def trace_model(model, pixel_values: torch.Tensor, **forward_kwargs) -> MergeTra
             if not attentions
             else f"the model returned {len(attentions)} attention maps for {len(layers)} layers"
         )
-    return MergeTrace(outputs.logits, attentions, [*source_maps, outputs.source_map])
+    return MergeTrace(getattr(outputs, "logits", None), attentions, [*source_maps, outputs.source_map])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -368,11 +370,11 @@ def describe_merging(config) -> str:
     return f"{config.merge_mode}, r={merge_r}" if merging_on(config) else "no merging"
 
 
-def prediction(logits: torch.Tensor, config) -> str:
-    """`predicts LABEL` for the title, or that there is no classifier (a base model's logits are its features)."""
-    if config.num_labels == 0:
+def prediction(logits: torch.Tensor | None, config) -> str:
+    """`predicts LABEL` for the title (`logits` [batch, labels]: the first image's), or that there is no classifier."""
+    if logits is None or config.num_labels == 0:
         return "has no classifier"
-    predicted = int(logits.argmax())
+    predicted = int(logits[0].argmax())
     return f"predicts {(config.id2label or {}).get(predicted, str(predicted))}"
 
 
@@ -444,7 +446,7 @@ def merge_panel(image: np.ndarray, trace: MergeTrace, layer: int, grid: tuple[in
     labels = merge_map(trace.source_maps[layer + 1], grid)[0].numpy()
     num_patch_tokens = len(np.unique(labels))
     border_width = max(1, image.shape[0] // (8 * grid[0]))
-    predicted = prediction(trace.logits[0], config)
+    predicted = prediction(trace.logits, config)
     title = f"{describe_merging(config)}: {num_patch_tokens} patch tokens\nafter layer {layer}, {predicted}"
     return Panel(paint_merge_map(image, labels, border_width), title)
 
@@ -479,7 +481,7 @@ def draw_row(caption: str, pixel_values: torch.Tensor, display: np.ndarray, mode
     heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-12)  # stretched to [0, 1] for display
     query = "the class token" if config.class_token else "the mean of all tokens"  # no class token: all are pooled
     panels = [
-        Panel(shown, f"{caption}, {grid[0]}x{grid[1]} patches\n{model_name} {prediction(trace.logits[0], config)}"),
+        Panel(shown, f"{caption}, {grid[0]}x{grid[1]} patches\n{model_name} {prediction(trace.logits, config)}"),
         Panel(
             shown,
             f"attention rollout, layers 0-{layer}\nfrom {query}\n({describe_merging(config)}; min-max scaled)",

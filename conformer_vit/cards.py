@@ -122,15 +122,21 @@ trained without merging; expect some loss of accuracy until the model is fine-tu
 
 ## Usage
 
+{% set auto = "AutoModelForImageClassification" if config.num_labels else "AutoModel" -%}
 ```python
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForImageClassification
+from transformers import AutoImageProcessor, {{ auto }}
 
 processor = AutoImageProcessor.from_pretrained("{{ facts.repo_id }}")
-model = AutoModelForImageClassification.from_pretrained("{{ facts.repo_id }}", trust_remote_code=True)
+model = {{ auto }}.from_pretrained("{{ facts.repo_id }}", trust_remote_code=True)
 image = Image.open("photo.jpg").convert("RGB")
+{% if config.num_labels -%}
 logits = model(**processor(images=image, return_tensors="pt")).logits
 print(model.config.id2label[logits.argmax(-1).item()])
+{%- else -%}
+features = model(**processor(images=image, return_tensors="pt")).last_hidden_state  # [1, tokens left, width]
+print(tuple(features.shape))
+{%- endif %}
 ```
 {% if not facts.source_class %}
 ## Upstream results
@@ -250,7 +256,8 @@ def hub_id(name: str | None) -> str | None:
 def _card_data(config: ConformerConfig, facts: CardFacts, merging: dict, name: str, source_license: str | None):
     tags = ["vision", "image-classification", "vit", "token-merging", "conformer"]
     tags += ["hybrid"] * bool(config.backbone_depths)
-    common = dict(library_name="transformers", pipeline_tag="image-classification", tags=tags, token_merging=merging)
+    task = "image-classification" if config.num_labels else "image-feature-extraction"  # a backbone: features
+    common = dict(library_name="transformers", pipeline_tag=task, tags=tags, token_merging=merging)
     if facts.source_class:
         return ModelCardData(license=source_license, base_model=hub_id(facts.source_file), **common)
     # Google released these shapes pre-trained on ImageNet-21k; for other shapes only the class count speaks.

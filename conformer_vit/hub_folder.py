@@ -160,10 +160,22 @@ def publish(model, output_dir: Path, push_to_hub: str | None = None, onnx_path=N
             ) from None
 
 
+class _OneOutput(torch.nn.Module):
+    """The model's one output that an ONNX graph returns (the exporter flattens a whole output dataclass)."""
+
+    def __init__(self, model, name: str):
+        super().__init__()
+        self.model, self.name = model, name
+
+    def forward(self, pixel_values):
+        return getattr(self.model(pixel_values), self.name)
+
+
 @torch.no_grad()
 def export_onnx(model, path, tolerance: float = 1e-4) -> float:
     """Export `model` (eval mode, merging as configured) with torch's dynamo exporter to `path` (the weights to
-    `path.data` beside it): input `pixel_values` with a dynamic batch dimension, output `logits`. Every merge mode is
+    `path.data` beside it): input `pixel_values` with a dynamic batch dimension, output `logits` (a `ConformerModel`
+    backbone: `last_hidden_state`). Every merge mode is
     one graph, so the merging runs inside ONNX. Checked with onnxruntime against eager on a random batch of another
     size than the traced one; returns the largest difference (raises above `tolerance` times the logits' scale)."""
     try:
@@ -174,6 +186,8 @@ def export_onnx(model, path, tolerance: float = 1e-4) -> float:
             f"ONNX export needs the export extra: pip install 'conformer-vit[export]' ({error})"
         ) from None
     config, path = model.eval().config, Path(path)
+    output_name = "logits" if hasattr(model, "classifier") else "last_hidden_state"
+    model = _OneOutput(model, output_name)
     generator = torch.Generator().manual_seed(0)
     pixels = torch.rand(3, config.num_channels, config.image_size, config.image_size, generator=generator) * 2 - 1
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +198,7 @@ def export_onnx(model, path, tolerance: float = 1e-4) -> float:
             str(path),
             dynamo=True,
             input_names=["pixel_values"],
-            output_names=["logits"],
+            output_names=[output_name],
             dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch", min=1)}},
             verbose=False,
         )
@@ -199,8 +213,8 @@ def export_onnx(model, path, tolerance: float = 1e-4) -> float:
     onnx.helper.set_model_props(graph, {ONNX_MARK: "1"})
     onnx.save(graph, str(path))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (exported,) = session.run(["logits"], {"pixel_values": pixels.numpy()})
-    expected = model(pixels).logits
+    (exported,) = session.run([output_name], {"pixel_values": pixels.numpy()})
+    expected = model(pixels)
     difference = (torch.from_numpy(exported) - expected).abs().max().item()
     if not difference <= tolerance * max(1.0, expected.abs().max().item()):  # NaN fails too
         raise FolderError(f"ONNX export of {path} differs from eager by {difference:.3g} on a random batch")

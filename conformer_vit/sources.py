@@ -23,7 +23,12 @@ from torch import nn
 from transformers import AutoModel, AutoModelForImageClassification
 
 from configuration_conformer import ConformerConfig
-from modeling_conformer import ConformerForImageClassification, ConformerPreTrainedModel, resample_position_embeddings
+from modeling_conformer import (
+    ConformerForImageClassification,
+    ConformerModel,
+    ConformerPreTrainedModel,
+    resample_position_embeddings,
+)
 
 # --------------------------------------------------------------------------------------------------------------------
 # Adapting weights from elsewhere
@@ -131,6 +136,7 @@ _CLIP_KEYS = [
 _KEY_RENAMES = {"dinov2": _DINOV2_KEYS, "dinov2_with_registers": _DINOV2_KEYS, "clip_vision_model": _CLIP_KEYS}
 _KEY_RENAMES["siglip_vision_model"] = _CLIP_KEYS
 # The source head's keys, renamed onto ours, and the classifier that reads what the source's head reads.
+BACKBONE_POOLING = {"dinov2": "token_gap", "dinov2_with_registers": "token_gap", "ijepa": "gap"}
 _HEADS = {
     "DeiTForImageClassificationWithTeacher": ([(r"^cls_classifier\.", "classifier.")], "distilled"),
     "Dinov2ForImageClassification": ([], "token_gap"),
@@ -254,8 +260,20 @@ def from_transformers(
     fields = _source_architecture(source)
     source_config = source.config
     has_head = source_classifier is not None and "classifier.weight" in head_state
-    fields["classifier"] = source_classifier or ("token" if fields.get("class_token", True) else "gap")
-    num_labels = config_overrides.get("num_labels", source_config.num_labels if has_head else 0)
+    # A backbone gets the pooling its family's classification head reads (DINOv2: class token and patch mean).
+    default_pooling = BACKBONE_POOLING.get(
+        source_config.model_type, "token" if fields.get("class_token", True) else "gap"
+    )
+    fields["classifier"] = source_classifier or default_pooling
+    labels = config_overrides.get("id2label")
+    num_labels = config_overrides.get(
+        "num_labels", len(labels) if labels else source_config.num_labels if has_head else 0
+    )
+    if not has_head and num_labels == 0 and "ForImageClassification" in model_class.__name__:
+        raise ValueError(
+            f"{type(source).__name__} has no classification head: give `num_labels` (or `id2label`) for a new one, "
+            "or load it as a ConformerModel."
+        )
     if has_head and num_labels == source_config.num_labels and "id2label" not in config_overrides:
         fields.update(id2label=dict(source_config.id2label), label2id=dict(source_config.label2id))
     _check_names(model_class.config_class, config_overrides)
@@ -334,6 +352,14 @@ def reconfigured(model: ConformerPreTrainedModel, **changes) -> ConformerPreTrai
     return with_config(model, config)
 
 
+def _class_for(model_class, source_class: str, config_overrides: dict):
+    """`ConformerModel` for a ViT-family backbone when no labels are asked for: a classifier needs classes."""
+    asks_labels = "num_labels" in config_overrides or "id2label" in config_overrides
+    if "ForImageClassification" in source_class or asks_labels or model_class is not ConformerForImageClassification:
+        return model_class
+    return ConformerModel
+
+
 def load_model(
     source,
     model_class: type[ConformerPreTrainedModel] = ConformerForImageClassification,
@@ -352,6 +378,7 @@ def load_model(
     if isinstance(source, ConformerPreTrainedModel):
         return reconfigured(source, **config_overrides)
     if isinstance(source, nn.Module):
+        model_class = _class_for(model_class, type(source).__name__, config_overrides)
         model = from_transformers(model_class, source, attn_implementation, **config_overrides)
         return model.to(dtype) if dtype is not None else model
     location = _checked_location(source)
@@ -363,6 +390,7 @@ def load_model(
     try:
         config_dict, _ = transformers.PretrainedConfig.get_config_dict(location, **hub_kwargs)
         if config_dict.get("model_type") != "conformer":
+            model_class = _class_for(model_class, (config_dict.get("architectures") or [""])[0], config_overrides)
             model = from_transformers(model_class, location, attn_implementation, hub_kwargs, **config_overrides)
             return model.to(dtype) if dtype is not None else model
         # This package's classes, unless the caller trusts the folder's own code: then transformers' Auto class runs it.

@@ -705,3 +705,30 @@ def test_a_saved_conformer_folder_converts_and_exports_to_onnx_without_a_prompt(
     with torch.no_grad():
         assert np.abs(logits - saved(pixels).logits.numpy()).max() < TOLERANCE
     assert ModelCard.load(out / "README.md").data.to_dict()["token_merging"]["merge_mode"] == "ward"
+
+
+@pytest.mark.slow
+def test_a_backbone_without_labels_becomes_a_conformer_model_with_its_own_pooling_card_and_onnx(tmp_path):
+    """A DINOv2 backbone: no silent zero-class head. The folder holds a `ConformerModel` (feature extraction), whose
+    classification head, once labels are given, pools as DINOv2's does (class token and patch mean)."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from transformers import Dinov2Config, Dinov2Model
+
+    tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4)
+    Dinov2Model(Dinov2Config(**tiny)).save_pretrained(tmp_path / "dinov2")
+    out, onnx_path = tmp_path / "out", tmp_path / "features.onnx"
+    argv = ["--from_transformers", str(tmp_path / "dinov2"), "--output_dir", str(out), "--export_onnx", str(onnx_path)]
+    assert converter.main(argv) == 0
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["ConformerModel"]
+    assert ModelCard.load(out / "README.md").data.pipeline_tag == "image-feature-extraction"
+    session = onnxruntime.InferenceSession(str(onnx_path))
+    assert [output.name for output in session.get_outputs()] == ["last_hidden_state"]
+    with pytest.raises(ValueError, match="no classification head.*num_labels"):
+        ConformerForImageClassification.from_transformers(str(tmp_path / "dinov2"))
+    classifier = ConformerForImageClassification.from_transformers(str(tmp_path / "dinov2"), num_labels=4)
+    assert classifier.config.classifier == "token_gap"
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    done = run_snippet(card_snippet(out / "README.md"), workdir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "(1, 17, 32)"  # the class token and 16 patches, nothing merged

@@ -97,7 +97,7 @@ def test_from_vit_takes_a_vit_model_without_head():
     vit = tiny_vit()
     base = ViTModel(vit.config, add_pooling_layer=True).eval()
     base.load_state_dict(vit.vit.state_dict(), strict=False)
-    model = ConformerForImageClassification.from_vit(base).eval()
+    model = ConformerForImageClassification.from_vit(base, num_labels=3).eval()
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(model.conformer(pixels).last_hidden_state, base(pixels).last_hidden_state, atol=1e-5)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from configuration_conformer import MERGE_MODES, ConformerConfig
-from modeling_conformer import ConformerForImageClassification
+from modeling_conformer import ConformerForImageClassification, ConformerModel
 from visualize_attention import (
     attention_rollout,
     default_merge_r,
@@ -304,7 +304,9 @@ def family_sources():
 
 
 def family_model(source, **merging):
-    return ConformerForImageClassification.from_transformers(source, attn_implementation="eager", **merging).eval()
+    """The source with merging: a classifier where it has a head, a `ConformerModel` for a backbone."""
+    model_class = ConformerForImageClassification if "ForImage" in type(source).__name__ else ConformerModel
+    return model_class.from_transformers(source, attn_implementation="eager", **merging).eval()
 
 
 @pytest.mark.parametrize("name", list(FAMILY))
