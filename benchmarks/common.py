@@ -1,19 +1,17 @@
-"""What the benchmark scripts share: the merge modes they compare, result tables, the FLOP count, round-robin timing,
-and the small digits model with its training loop.
+"""What the benchmark scripts share: the merge modes they compare, result tables, and the small digits model with its
+training loop. The FLOP count and the interleaved timing are `conformer_vit.sweep`'s, as `evaluate_merging.py`
+uses them.
 
 The scripts run from anywhere (`python benchmarks/throughput.py`); this module puts the repository root on `sys.path`
 so that they import the model files of this checkout.
 """
 
-import copy
 import csv
 import ctypes
 import ctypes.util
 import math
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +23,9 @@ import torch.nn.functional as F  # noqa: E402
 from transformers import get_cosine_schedule_with_warmup  # noqa: E402
 
 from configuration_conformer import ConformerConfig  # noqa: E402
+from conformer_vit.sources import reconfigured  # noqa: E402
+from conformer_vit.sweep import flop_ratio as merged_flop_fraction  # noqa: E402
+from conformer_vit.sweep import time_interleaved  # noqa: E402
 from modeling_conformer import ConformerForImageClassification  # noqa: E402
 from token_merging import MATCHING_FUNCTIONS, merge_schedule  # noqa: E402
 
@@ -92,23 +93,10 @@ def write_results(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def encoder_macs(num_tokens: int, schedule: list[int], hidden_size: int, intermediate_size: int) -> int:
-    """Multiply-accumulates of the transformer layers, merging `schedule[layer]` tokens between attention and MLP:
-    per layer q, k, v and output projections 4 N D^2, attention 2 N^2 D, MLP 2 (N - r) D D_mlp. Patch embedding,
-    head, norms, softmax and the merge are left out: the convention that gives ToMe's 1.72x (ViT-S/16, r=13)."""
-    total = 0
-    for merge_r in schedule:
-        total += 4 * num_tokens * hidden_size**2 + 2 * num_tokens**2 * hidden_size
-        total += 2 * (num_tokens - merge_r) * hidden_size * intermediate_size
-        num_tokens -= merge_r
-    return total
-
-
 def flop_ratio(config: ConformerConfig, schedule: list[int]) -> float:
-    """Unmerged over merged encoder MACs: the speed-up merging could give if time followed FLOPs."""
-    shape = (1 + config.num_patches, config.hidden_size, config.intermediate_size)
-    unmerged = encoder_macs(shape[0], [0] * len(schedule), *shape[1:])
-    return unmerged / encoder_macs(shape[0], schedule, *shape[1:])
+    """Unmerged over merged encoder MACs (`conformer_vit.sweep.encoder_macs`): the speed-up merging could give if
+    time followed FLOPs."""
+    return 1 / merged_flop_fraction(config, schedule)
 
 
 def keep_freed_memory() -> str:
@@ -132,34 +120,11 @@ def set_up_cpu(threads: int, keep_memory: bool = True) -> str:
     return keep_freed_memory() if keep_memory else "allocator left as it is"
 
 
-def synchronize(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-@torch.inference_mode()
 def time_models(models: dict, pixel_values, repeats: int, warmup: int = 2, iters: int = 1) -> dict:
-    """Images/s of each model: all warmed up, then timed round-robin (the starting model rotated each repeat, so a
-    change of load hits all alike). Returns `{name: (median images/s, interquartile spread in % of the median)}`."""
-    names, device = list(models), pixel_values.device
-    for name in names:
-        for _ in range(warmup):
-            models[name](pixel_values)
-    samples = {name: [] for name in names}
-    for repeat in range(repeats):
-        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(iters):
-                models[name](pixel_values)
-            synchronize(device)
-            samples[name].append(len(pixel_values) * iters / (time.perf_counter() - start))
-    result = {}
-    for name, values in samples.items():
-        quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
-        median = statistics.median(values)
-        result[name] = (median, 100 * (quartiles[2] - quartiles[0]) / median)
-    return result
+    """`conformer_vit.sweep.time_interleaved` with `iters` calls per sample: `{name: (median images/s, interquartile
+    spread in % of the median)}`, as the tables print them."""
+    timed = time_interleaved(models, pixel_values, repeats, warmup=warmup, calls=iters)
+    return {name: (timing.images_per_s, timing.spread) for name, timing in timed.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -179,12 +144,8 @@ def digits_config(**overrides) -> ConformerConfig:
 
 
 def with_merging(model: ConformerForImageClassification, mode: str, schedule: list[int]):
-    """A copy of `model` (same weights) that merges `schedule[layer]` tokens per layer with `mode`."""
-    config = copy.deepcopy(model.config)
-    config.merge_mode, config.merge_r = mode, list(schedule)
-    merged = ConformerForImageClassification(config)
-    merged.load_state_dict(model.state_dict())
-    return merged.eval()
+    """The same weights merging `schedule[layer]` tokens per layer with `mode` (`sources.reconfigured`)."""
+    return reconfigured(model, merge_mode=mode, merge_r=list(schedule)).eval()
 
 
 def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:

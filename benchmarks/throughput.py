@@ -24,13 +24,13 @@ from common import (
     environment_line,
     flop_ratio,
     set_up_cpu,
-    synchronize,
     time_models,
     write_results,
 )
 from transformers import ViTConfig, ViTForImageClassification, set_seed
 
 from configuration_conformer import PRESETS, ConformerConfig
+from conformer_vit.sweep import synchronize
 from conformer_vit.timm_reference import timm_vit
 from modeling_conformer import ConformerForImageClassification
 from token_merging import merge_schedule

@@ -394,3 +394,65 @@ def write_training_card(
         location=(args.push_to_hub and args.hub_model_id) or args.output_dir,
     )  # fmt: skip
     ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}").save(os.path.join(args.output_dir, "README.md"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The card of a folder evaluate_merging.py saved with its picked merge setting
+# --------------------------------------------------------------------------------------------------------------------
+
+MERGING_CARD_TEXT = """# {name}
+
+`{source}` with token merging set to **{setting}** (`merge_mode="{merge_mode}"`, `merge_r={merge_r}`): {reason}. \
+The weights are the source's, unchanged; load with `merge_mode="none"` to get its original outputs.
+
+## Measured by `evaluate_merging.py`
+
+{description}
+
+{table}
+
+```bash
+{command}
+```
+
+## Usage
+
+```python
+from transformers import pipeline
+
+classify = pipeline("image-classification", model="{name}", trust_remote_code=True)
+```
+"""
+
+
+def render_merging_card(
+    folder_name: str, summary: dict, results, picked, reason: str, description: str, table: str, source_license=None
+):
+    """README.md of a folder `evaluate_merging.py --save_folder` wrote: the Hub's metadata (a `model-index` with one
+    accuracy per setting measured) and a short text: the `picked` setting, the `reason` it was picked, the `table`."""
+
+    def remote_id(name):  # a local folder is not on the Hub even when its path looks like `org/name`
+        return None if name is None or os.path.exists(name) else hub_id(name)
+
+    dataset, split = summary["dataset"], summary["split"]
+    evaluations = [
+        EvalResult(
+            task_type="image-classification", task_name="Image classification", dataset_type=dataset,
+            dataset_name=dataset, dataset_split=split, metric_type="accuracy",
+            metric_name=f"Accuracy, {row.setting} ({row.speedup:.2f}x the unmerged images/s)",
+            metric_value=row.accuracy,
+        )
+        for row in results
+    ]  # fmt: skip
+    data = ModelCardData(
+        model_name=folder_name, base_model=remote_id(summary["model"]), license=source_license,
+        datasets=[dataset] if remote_id(dataset) and dataset != "digits" else None, library_name="transformers",
+        pipeline_tag="image-classification", tags=["image-classification", "vision", "conformer", "token-merging"],
+        eval_results=evaluations,
+    )  # fmt: skip
+    text = MERGING_CARD_TEXT.format(
+        name=folder_name, source=summary["model"], setting=picked.setting, merge_mode=picked.merge_mode,
+        merge_r=picked.merge_r, reason=reason, description=description, table=table,
+        command=summary["command"],
+    )  # fmt: skip
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}"))

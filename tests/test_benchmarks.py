@@ -25,10 +25,13 @@ from modeling_conformer import ConformerForImageClassification  # noqa: E402
 
 
 def test_encoder_macs_by_hand():
-    # 5 tokens, width 2, MLP 4, one layer merging 2: 4*5*2^2 + 2*5^2*2 + 2*(5-2)*2*4 = 80 + 100 + 48
-    assert common.encoder_macs(5, [2], 2, 4) == 228
+    from conformer_vit.sweep import encoder_macs
+
+    # 5 tokens (class + 2x2 patches), width 2, MLP 4, one layer merging 2: 4*5*2^2 + 2*5^2*2 + 2*(5-2)*2*4 = 80+100+48
+    shape = dict(hidden_size=2, intermediate_size=4, num_attention_heads=1, image_size=2, patch_size=1)
+    assert encoder_macs(ConformerConfig(**shape, num_hidden_layers=1), [2]) == 228
     # the next layer runs on the 3 tokens left: 4*3*4 + 2*9*2 + 2*3*2*4 = 48 + 36 + 48
-    assert common.encoder_macs(5, [2, 0], 2, 4) == 228 + 132
+    assert encoder_macs(ConformerConfig(**shape, num_hidden_layers=2), [2, 0]) == 228 + 132
 
 
 @pytest.mark.parametrize(("preset", "merge_r", "limit"), [("ViT-S_16", 13, 1.72), ("ViT-B_16", 16, 2.02)])

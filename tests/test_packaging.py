@@ -15,7 +15,7 @@ import pytest
 from conftest import HUB_FOLDER_FILES
 
 REPO_DIR = Path(__file__).resolve().parents[1]
-SCRIPTS = ("conformer-convert", "conformer-train", "conformer-visualize")
+SCRIPTS = ("conformer-convert", "conformer-train", "conformer-visualize", "conformer-evaluate")
 
 
 def local_imports(module_file: Path, local_modules: set[str]) -> set[str]:
@@ -102,7 +102,7 @@ def test_installed_convert_writes_a_folder_and_card_from_outside_the_repository(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["conformer-train", "conformer-visualize"])
+@pytest.mark.parametrize("script", ["conformer-train", "conformer-visualize", "conformer-evaluate"])
 def test_installed_scripts_answer_help(installed, tmp_path, script):
     result = run_installed(installed[1], script, "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
