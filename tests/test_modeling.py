@@ -388,3 +388,18 @@ def test_merge_schedule_that_cannot_fit_is_refused_at_construction():
     # 16 patches + class token: bipartite can remove at most 8 in the first layer.
     with pytest.raises(ValueError, match="17 tokens"):
         ConformerModel(ConformerConfig(**TINY, merge_mode="bipartite", merge_r=9))
+
+
+def test_the_readmes_lora_snippet_runs_as_written(tmp_path):
+    """The README's PEFT block, run in a folder holding a `runs/demo` Conformer: our module names match, and only the
+    adapters and the classifier train."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = [block.split("```", 1)[0] for block in readme.split("```python\n")[1:]]
+    (snippet,) = [block for block in blocks if "get_peft_model" in block]
+    tiny_conformer().save_pretrained(tmp_path / "runs" / "demo")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    done = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trainable = int(done.stdout.split("trainable params: ")[1].split()[0].replace(",", ""))
+    # LoRA r=8 on q_proj and v_proj of 3 layers (32 -> 32: 8 x 32 + 32 x 8 each), plus the 5-class classifier
+    assert trainable == 3 * 2 * (8 * 32 + 32 * 8) + (32 * 5 + 5)
