@@ -6,6 +6,11 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
+try:  # inside a Hub folder (remote code) the three files are a package
+    from .token_merging import decreasing_schedule, staged_schedule
+except ImportError:  # imported from the repository root or after `pip install`
+    from token_merging import decreasing_schedule, staged_schedule
+
 MergeMode = Literal["none", "bipartite", "submodular", "ward"]
 Classifier = Literal["token", "gap", "cnn", "token_gap", "distilled"]
 MERGE_MODES, CLASSIFIERS = get_args(MergeMode), get_args(Classifier)
@@ -62,6 +67,14 @@ class ConformerConfig(PreTrainedConfig):
             agglomerative clustering: join the groups whose union adds the least scatter).
         merge_r (`int` or `list[int]`, defaults to 0):
             Tokens removed in each layer: one int for every layer, or one per layer.
+        merge_schedule (`str`, defaults to `"constant"`):
+            For one int `merge_r`: `"constant"` (that r in every layer, ToMe's default) or `"decreasing"` (ToMe's
+            decreasing schedule: 1.5 r in the first layer falling linearly to 0.5 r in the last).
+        merge_layers (`list[int]`, *optional*):
+            ATC's staged reduction instead of `merge_r`: merge only after the attention of these layers (0-based;
+            `[3, 6, 9]` is ATC's blocks 4, 7 and 10), each keeping `merge_keep_rate` of the patch tokens left there.
+        merge_keep_rate (`float` or `list[float]`, *optional*):
+            With `merge_layers`: the share of the patch tokens each site keeps (one for all sites, or one per site).
         proportional_attention (`bool`, defaults to `True`):
             Add `log(size)` to the attention logits of each key, so a merged token weighs as the patches it stands for.
         classifier (`str`, defaults to `"token"`):
@@ -117,6 +130,9 @@ class ConformerConfig(PreTrainedConfig):
     backbone_depths: list[int] | None = None
     merge_mode: MergeMode = "none"
     merge_r: int | list[int] = 0
+    merge_schedule: Literal["constant", "decreasing"] = "constant"
+    merge_layers: list[int] | None = None
+    merge_keep_rate: float | list[float] | None = None
     proportional_attention: bool = True
     classifier: Classifier = "token"
     cnn_head_channels: int = 256
@@ -140,6 +156,9 @@ class ConformerConfig(PreTrainedConfig):
             self.backbone_depths = list(self.backbone_depths)
         if isinstance(self.merge_r, tuple):
             self.merge_r = list(self.merge_r)
+        for name in ("merge_layers", "merge_keep_rate"):
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
         # Both Auto classes must resolve from one saved folder; `save_pretrained` alone records only the saved one.
         kwargs.setdefault(
             "auto_map",
@@ -206,6 +225,26 @@ class ConformerConfig(PreTrainedConfig):
         schedule = self.merge_r if isinstance(self.merge_r, (list, tuple)) else [self.merge_r]
         if any(not isinstance(r, int) or isinstance(r, bool) or r < 0 for r in schedule):
             raise ValueError(f"`merge_r` must be a non-negative int or a list of them, got {self.merge_r!r}.")
+        if self.merge_layers is not None:
+            layers, rates = self.merge_layers, self.merge_keep_rate
+            if not layers or any(
+                not isinstance(layer, int) or not 0 <= layer < self.num_hidden_layers for layer in layers
+            ):
+                raise ValueError(
+                    f"`merge_layers` must list layers of 0..{self.num_hidden_layers - 1}, got {self.merge_layers!r}."
+                )
+            if sorted(set(layers)) != list(layers):
+                raise ValueError(f"`merge_layers` must be increasing and without repeats, got {layers!r}.")
+            rates = rates if isinstance(rates, list) else [rates] * len(layers)
+            if len(rates) != len(layers) or any(
+                not isinstance(rate, (int, float)) or not 0 < rate <= 1 for rate in rates
+            ):
+                raise ValueError(
+                    f"`merge_keep_rate` must be one share in (0, 1] or one per merge layer ({len(layers)}), got "
+                    f"{self.merge_keep_rate!r}."
+                )
+        elif self.merge_keep_rate is not None:
+            raise ValueError("`merge_keep_rate` applies to `merge_layers`: give both, or use `merge_r`.")
         if isinstance(self.merge_r, (list, tuple)) and len(self.merge_r) != self.num_hidden_layers:
             raise ValueError(
                 f"`merge_r` lists {len(self.merge_r)} values but the model has {self.num_hidden_layers} layers; "
@@ -233,12 +272,19 @@ class ConformerConfig(PreTrainedConfig):
 
     @property
     def merge_r_per_layer(self):
-        """One r per layer; all zeros when merging is off."""
+        """One r per layer, from `merge_layers` and `merge_keep_rate`, else `merge_r` (and `merge_schedule`); all zeros
+        when merging is off."""
+        layers = self.num_hidden_layers
         if self.merge_mode == "none":
-            return [0] * self.num_hidden_layers
+            return [0] * layers
+        if self.merge_layers is not None:
+            tokens = self.num_prefix_tokens + self.num_patches
+            return staged_schedule(tokens, layers, self.merge_layers, self.merge_keep_rate, self.num_prefix_tokens)
         if isinstance(self.merge_r, list):
             return list(self.merge_r)
-        return [self.merge_r] * self.num_hidden_layers
+        if self.merge_schedule == "decreasing":
+            return decreasing_schedule(self.merge_r, layers)
+        return [self.merge_r] * layers
 
     @classmethod
     def from_preset(cls, name, **overrides):

@@ -35,7 +35,7 @@ from conformer_vit.google_npz import (
 from conformer_vit.hub_folder import check_output_dir, publish, write_folder
 from conformer_vit.sources import load_image_processor, load_model, source_license
 from conformer_vit.timm_reference import timm_reference
-from token_merging import parse_merge_r
+from token_merging import parse_merge_r, parse_staged
 
 
 @torch.no_grad()
@@ -236,6 +236,8 @@ ARGUMENTS = [  # (flag, argparse keywords, help)
     ("--id2label", {}, 'JSON file naming the classes ({"0": "cat", ...} or a list); sets num_labels.'),
     ("--merge_mode", dict(choices=MERGE_MODES), "Token merging between attention and MLP (default: the source's)."),
     ("--merge_r", {}, "Tokens merged per layer: one int, or one per layer (comma-separated); default: the source's."),
+    ("--merge_layers", {}, "ATC's staged merging instead of --merge_r: the layers that merge (0-based, e.g. 3,6,9)."),
+    ("--merge_keep_rate", {}, "With --merge_layers: the share of patch tokens each site keeps (one, or one per site)."),
     ("--classifier", dict(choices=CLASSIFIERS), "Pooling for the head (default: the source's); 'cnn' gets a new head."),
     ("--push_to_hub", dict(metavar="REPO_ID"), "Upload the folder to this Hub repository afterwards."),
     ("--verify", dict(action="store_true"), "Load the folder back and compare its outputs with timm's loader."),
@@ -282,6 +284,10 @@ def main(argv=None) -> int:
         id2label = _read_id2label(args.id2label) if args.id2label else None
         common = dict(overwrite=args.overwrite, push_to_hub=args.push_to_hub, onnx_path=args.export_onnx)
         merging = dict(merge_mode=args.merge_mode, merge_r=merge_r)  # only what is given: a Conformer keeps its own
+        if (args.merge_layers is None) != (args.merge_keep_rate is None):
+            raise ConversionError("--merge_layers and --merge_keep_rate go together")
+        if args.merge_layers is not None:
+            merging.update(parse_staged(args.merge_layers, args.merge_keep_rate))
         common.update({key: value for key, value in merging.items() if value is not None})
         if args.npz_path:
             options = dict(model_type=args.model_type, image_size=args.image_size, num_labels=args.num_labels)

@@ -55,7 +55,7 @@ from conformer_vit.hub_folder import default_image_processor, hub_folder_files
 from conformer_vit.output_paths import OutputPathError, check_output
 from conformer_vit.sources import load_image_processor, load_model, source_license, with_config
 from modeling_conformer import ConformerForImageClassification
-from token_merging import parse_merge_r
+from token_merging import parse_merge_r, parse_staged
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +159,14 @@ class ModelArguments:
     )
     merge_r: str | None = field(
         default=None, metadata={"help": "Tokens merged away per layer: one int, or one per layer (`8,8,4,...`)."}
+    )
+    merge_layers: str | None = field(
+        default=None,
+        metadata={"help": "ATC's staged merging instead of --merge_r: the layers that merge (0-based, `3,6,9`)."},
+    )
+    merge_keep_rate: str | None = field(
+        default=None,
+        metadata={"help": "With --merge_layers: the share of patch tokens each site keeps (one, or one per site)."},
     )
     classifier: str | None = field(
         default=None,
@@ -350,6 +358,10 @@ def build_config(base: ConformerConfig | None, model_args: ModelArguments, label
     try:
         if "merge_r" in changes:
             changes["merge_r"] = parse_merge_r(changes["merge_r"])
+        if (model_args.merge_layers is None) != (model_args.merge_keep_rate is None):
+            raise ValueError("--merge_layers and --merge_keep_rate go together.")
+        if model_args.merge_layers is not None:
+            changes.update(parse_staged(model_args.merge_layers, model_args.merge_keep_rate))
         config = copy.deepcopy(base or ConformerConfig.from_preset(model_args.model_type or "ViT-B_16"))
         for key, value in changes.items():  # all set before any check: a new depth and its schedule go together
             setattr(config, key, value)

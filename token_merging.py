@@ -11,6 +11,8 @@ stay in their input order, so the class token stays first.
 - `merge_wavg`, `merge_source`: apply a matching to features (size-weighted means) and to the source map.
 - `match_tokens`: one layer's matching with the prefix tokens (class, distillation, registers) kept out of it.
 - `max_merge_r`, `merge_schedule`, `check_merge_schedule`, `parse_merge_r`: how many tokens each layer may remove.
+- `decreasing_schedule` (ToMe's), `staged_schedule` (ATC's: a few layers, a keep rate each), `token_layers` and
+  `keep_rate_for_token_layers`: schedules, and schedules at equal cost.
 """
 
 import math
@@ -85,6 +87,56 @@ def merge_schedule(
     return schedule
 
 
+def decreasing_schedule(merge_r: int, num_layers: int, inflection: float = 0.5) -> list[int]:
+    """ToMe's decreasing schedule: r per layer falling linearly from `(1 + inflection) * merge_r` in the first layer to
+    `(1 - inflection) * merge_r` in the last (rounded down), about `merge_r` per layer on average: merge more where
+    tokens are many and cheap to lose."""
+    if num_layers == 1:
+        return [merge_r]
+    first, last = merge_r * (1 + inflection), merge_r * (1 - inflection)
+    return [int(first + (last - first) * layer / (num_layers - 1)) for layer in range(num_layers)]
+
+
+def staged_schedule(
+    num_tokens: int, num_layers: int, merge_layers: list[int], keep_rate, num_prefix_tokens: int = 1
+) -> list[int]:
+    """ATC's staged reduction: merging only in the layers `merge_layers` (0-based), each keeping `keep_rate` (one
+    float, or one per site) of the patch tokens left there, rounded: r = round((1 - keep) * patches left). Other
+    layers merge nothing. E.g. ViT-S at 224 px (196 patches), layers 3, 6, 9, keep 0.631: r = 72, 46, 29."""
+    rates = list(keep_rate) if isinstance(keep_rate, (list, tuple)) else [keep_rate] * len(merge_layers)
+    schedule, patches = [0] * num_layers, num_tokens - num_prefix_tokens
+    for layer, rate in zip(merge_layers, rates):
+        schedule[layer] = round((1 - rate) * patches)
+        patches -= schedule[layer]
+    return schedule
+
+
+def token_layers(schedule: list[int], num_tokens: int) -> int:
+    """Tokens summed over every attention and every MLP of the encoder when layer i merges `schedule[i]` tokens
+    between them: the work (roughly) that a schedule leaves, so that schedules compare at equal cost."""
+    total = 0
+    for merge_r in schedule:
+        total += num_tokens + (num_tokens - merge_r)  # attention sees the tokens before the merge, the MLP after
+        num_tokens -= merge_r
+    return total
+
+
+def keep_rate_for_token_layers(
+    target: int, num_tokens: int, num_layers: int, merge_layers: list[int], num_prefix_tokens: int = 1
+) -> float:
+    """The one keep rate at `merge_layers` whose staged schedule leaves the token-layers closest to `target` (e.g. a
+    constant schedule's): schedules at equal cost, computed rather than picked by hand. Bisection on the rate."""
+
+    def cost(rate):
+        return token_layers(staged_schedule(num_tokens, num_layers, merge_layers, rate, num_prefix_tokens), num_tokens)
+
+    low, high = 0.0, 1.0  # cost grows with the rate: keeping more costs more
+    for _ in range(40):  # a fixed number of halvings: ends on any input
+        middle = (low + high) / 2
+        low, high = (middle, high) if cost(middle) < target else (low, middle)
+    return min((low, high), key=lambda rate: abs(cost(rate) - target))
+
+
 def parse_merge_r(text: str) -> int | list[int]:
     """`merge_r` as written on a command line: one int for every layer, or comma-separated ints, one per layer."""
     try:
@@ -92,6 +144,19 @@ def parse_merge_r(text: str) -> int | list[int]:
     except ValueError:
         raise ValueError(f"merge_r must be an int or comma-separated ints (one per layer), got {text!r}") from None
     return values[0] if len(values) == 1 else values
+
+
+def parse_staged(layers_text: str, keep_rate_text: str) -> dict:
+    """`--merge_layers 3,6,9 --merge_keep_rate 0.63` (or one rate per layer, comma-separated) as config fields."""
+    try:
+        layers = [int(value) for value in str(layers_text).split(",")]
+        rates = [float(value) for value in str(keep_rate_text).split(",")]
+    except ValueError:
+        raise ValueError(
+            f"merge_layers must be comma-separated ints and merge_keep_rate one float or one per layer, got "
+            f"{layers_text!r} and {keep_rate_text!r}"
+        ) from None
+    return {"merge_layers": layers, "merge_keep_rate": rates[0] if len(rates) == 1 else rates}
 
 
 def _check_merge_r(r: int, num_tokens: int, mode: str, protect_cls: bool):
@@ -523,6 +588,8 @@ __all__ = [
     "MATCHING_FUNCTIONS",
     "bipartite_soft_matching",
     "check_merge_schedule",
+    "decreasing_schedule",
+    "keep_rate_for_token_layers",
     "destination_from_owner",
     "match_tokens",
     "max_merge_r",
@@ -531,6 +598,9 @@ __all__ = [
     "merge_source",
     "merge_wavg",
     "parse_merge_r",
+    "parse_staged",
+    "staged_schedule",
     "submodular_matching",
+    "token_layers",
     "ward_matching",
 ]

@@ -364,10 +364,13 @@ def default_merge_r(
 
 
 def describe_merging(config) -> str:
-    merge_r = config.merge_r
-    if isinstance(merge_r, (list, tuple)) and len(set(merge_r)) == 1:
-        merge_r = merge_r[0]  # a constant schedule reads as one number
-    return f"{config.merge_mode}, r={merge_r}" if merging_on(config) else "no merging"
+    if not merging_on(config):
+        return "no merging"
+    if config.merge_layers is not None:  # ATC's staged merging: the sites and their r
+        sites = ",".join(f"{layer}:{r}" for layer, r in enumerate(config.merge_r_per_layer) if r)
+        return f"{config.merge_mode}, staged r at layers {sites}"
+    merge_r = config.merge_r_per_layer
+    return f"{config.merge_mode}, r={merge_r[0] if len(set(merge_r)) == 1 else '/'.join(map(str, merge_r))}"
 
 
 def prediction(logits: torch.Tensor | None, config) -> str:

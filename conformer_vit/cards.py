@@ -225,7 +225,7 @@ def merge_summary(config: ConformerConfig) -> dict:
     schedule = merge_schedule(
         config.merge_r_per_layer, tokens_in, config.num_hidden_layers, (config.merge_mode,), config.num_prefix_tokens
     )
-    return {
+    summary = {
         "merge_mode": config.merge_mode,
         "merge_r": config.merge_r if config.merge_mode != "none" else 0,
         "proportional_attention": config.proportional_attention,
@@ -233,6 +233,24 @@ def merge_summary(config: ConformerConfig) -> dict:
         "tokens_in": tokens_in,
         "tokens_out": tokens_in - sum(schedule),
     }
+    if config.merge_mode != "none" and (config.merge_layers is not None or config.merge_schedule != "constant"):
+        staged = {"merge_layers": config.merge_layers, "merge_keep_rate": config.merge_keep_rate}
+        summary |= {key: value for key, value in staged.items() if value is not None}
+        summary |= {"merge_schedule": config.merge_schedule, "merge_r_per_layer": schedule}
+    return summary
+
+
+def describe_merging(config: ConformerConfig) -> str:
+    """`no merging`, `bipartite merging, r = 8`, `ward merging at layers 3, 6, 9 keeping 0.63 (r = 73/46/28)`."""
+    if config.merge_mode == "none":
+        return "no merging"
+    schedule = "/".join(str(r) for r in config.merge_r_per_layer if r)
+    if config.merge_layers is not None:
+        sites = ", ".join(map(str, config.merge_layers))
+        return f"{config.merge_mode} merging at layers {sites} keeping {config.merge_keep_rate} (r = {schedule})"
+    if config.merge_schedule == "decreasing":
+        return f"{config.merge_mode} merging, decreasing r = {schedule}"
+    return f"{config.merge_mode} merging, r = {config.merge_r}"
 
 
 def prefix_token_names(config: ConformerConfig) -> list[str]:
@@ -382,7 +400,7 @@ def write_training_card(
         library_name="transformers", pipeline_tag="image-classification",
         tags=["image-classification", "vision", "conformer", "token-merging"], eval_results=results,
     )  # fmt: skip
-    merging = f"`{config.merge_mode}` merging, r = {config.merge_r}" if config.merge_mode != "none" else "no merging"
+    merging = describe_merging(config)
     text = TRAINING_CARD_TEXT.format(
         name=name, config=config, merging=merging, dataset=dataset, args=args,
         origin=f"fine-tuned from `{base_model}`" if base_model else "trained from scratch",
