@@ -52,7 +52,7 @@ from conformer_vit.sweep import (
     pick_setting,
     sweep,
 )
-from token_merging import MATCHING_FUNCTIONS, parse_merge_r
+from token_merging import MATCHING_FUNCTIONS, parse_merge_r, parse_staged
 
 RESULT_FILES = ("merging.md", "merging.csv", "merging.json", "merging.png")
 PICK_RULES = {  # what `--pick RULE=VALUE` chooses, as the card says it
@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Tokens merged per layer, one value per setting: an int, or one int per layer (8,8,4,4). Default: a "
         "quarter, half and all of the largest r every mode can merge in every layer.",
     )
+    add("--decreasing", action="store_true", help="Also ToMe's decreasing schedule of each int --merge_r.")
+    add("--merge_layers", help="Also ATC's staged reduction in these layers (0-based, comma-separated, e.g. 3,6,9).")
+    add("--keep_rates", nargs="+", type=float, default=[], help="With --merge_layers: the shares of patch tokens kept.")
     add("--batch_size", type=int, default=32, help="Images per forward pass, in evaluation and timing.")
     add("--timing_repeats", type=int, default=10, help="Timing rounds after warm-up; images/s is their median.")
     add("--device", choices=("cpu", "cuda"), help="Where to run. Default: cuda when available.")
@@ -162,6 +165,13 @@ def check_arguments(args) -> tuple[tuple[str, float] | None, list | None]:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise EvaluationError("--device cuda: torch finds no CUDA device here")
     pick = parse_pick(args.pick) if args.pick else None
+    if bool(args.merge_layers) != bool(args.keep_rates):
+        raise EvaluationError("--merge_layers and --keep_rates go together")
+    if args.merge_layers:
+        try:
+            parse_staged(args.merge_layers, "1")
+        except ValueError as error:
+            raise EvaluationError(f"--merge_layers: {error}") from None
     if args.save_folder and not pick:
         raise EvaluationError("--save_folder saves the picked setting: give --pick too")
     try:
@@ -292,10 +302,11 @@ def plot_results(results: list[SettingResult], path: Path, title: str):
     unmerged, modes = results[0], list(dict.fromkeys(row.merge_mode for row in results[1:]))
     for axis, metric in ((accuracy_axis, lambda row: 100 * row.accuracy), (kl_axis, lambda row: row.kl_divergence)):
         for mode in modes:
-            points = [unmerged] + [row for row in results if row.merge_mode == mode]
+            rows = sorted((row for row in results if row.merge_mode == mode), key=lambda row: -row.images_per_s)
+            points = [unmerged, *rows]  # from the unmerged model, slower and slower
             axis.plot([row.images_per_s for row in points], [metric(row) for row in points], "o-", label=mode)
-            for row in points[1:]:
-                axis.annotate(format_merge_r(row.merge_r), (row.images_per_s, metric(row)), fontsize=7)
+            for row in rows:  # the schedule: `r=4`, `r=4 decreasing`, `layers 3,6,9 keep 0.63`
+                axis.annotate(row.setting.split(" ", 1)[1], (row.images_per_s, metric(row)), fontsize=7)
         axis.plot(unmerged.images_per_s, metric(unmerged), "k*", markersize=12, label="unmerged")
         frontier = sorted((row for row in results if row.on_frontier), key=lambda row: row.images_per_s)
         axis.plot([row.images_per_s for row in frontier], [metric(row) for row in frontier], "o", markersize=13,
@@ -338,13 +349,23 @@ def render_card(folder_name: str, summary: dict, results: list[SettingResult], p
         f"{PICK_RULES[rule].format(value=value)}, at {picked.speedup:.2f}x the unmerged model's images/s "
         f"and {100 * picked.accuracy:.1f}% accuracy (unmerged: {100 * results[0].accuracy:.1f}%)"
     )
-    table, license_name = markdown_table(results), source_license(summary["model"])
-    return render_merging_card(folder_name, summary, results, picked, reason, describe(summary), table, license_name)
+    table, license_name, fields = markdown_table(results), source_license(summary["model"]), picked_config(picked)
+    return render_merging_card(
+        folder_name, summary, results, picked, fields, reason, describe(summary), table, license_name
+    )
+
+
+def picked_config(picked: SettingResult) -> dict:
+    """The config fields of the picked setting (every schedule field, so a saved schedule of another kind goes)."""
+    return {
+        "merge_mode": picked.merge_mode, "merge_r": picked.merge_r, "merge_schedule": picked.merge_schedule,
+        "merge_layers": picked.merge_layers, "merge_keep_rate": picked.merge_keep_rate,
+    }  # fmt: skip
 
 
 def save_picked(args, summary: dict, results: list[SettingResult], picked: SettingResult) -> Path:
     """The source model, freshly loaded as it is stored, with the picked setting in its config, as a Hub folder."""
-    changes = {"merge_mode": picked.merge_mode, "merge_r": picked.merge_r}
+    changes = picked_config(picked)
     model = load_model(args.model_name_or_path, **changes)
     processor = load_image_processor(args.model_name_or_path, model.config)
     folder = Path(args.save_folder)
@@ -375,7 +396,8 @@ def evaluate(args, command: str) -> int:
     if not config.num_labels:
         raise EvaluationError(f"{source} has no classifier (num_labels=0): give a model with a classification head")
     r_values = r_values if r_values is not None else default_r_values(config, args.merge_modes)
-    settings = build_settings(args.merge_modes, r_values)
+    staged = parse_staged(args.merge_layers, "1")["merge_layers"] if args.merge_layers else None
+    settings = build_settings(args.merge_modes, r_values, args.decreasing, staged, args.keep_rates)
     try:
         check_settings(config, settings)
     except ValueError as error:

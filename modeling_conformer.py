@@ -359,9 +359,7 @@ class ConformerPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["ConformerEmbeddings", "ConformerLayer"]
     _supports_sdpa = True
     _supports_flash_attn = False  # the log-size bias needs an additive mask
-    # Not declared: transformers' flex path reads an additive mask through a score_mod that captures it, and on the
-    # CPU build of torch 2.14 such a score_mod corrupts the heap (the proportional-attention bias needs one).
-    _supports_flex_attn = False
+    _supports_flex_attn = False  # the log-size bias through flex attention's score_mod is not safe on every build
     _supports_attention_backend = True
     _input_embed_layer = "patch_embeddings"
     _can_record_outputs = {

@@ -14,6 +14,7 @@ photograph's left three quarters for training, the rest for testing). Writes `re
 """
 
 import argparse
+import functools
 import math
 import re
 import sys
@@ -38,8 +39,17 @@ from common import predict as predict_pixels  # noqa: E402
 from common import train as common_train  # noqa: E402
 from common import write_results as write_tables  # noqa: E402
 
+from configuration_conformer import ConformerConfig  # noqa: E402
 from conformer_vit.hub_folder import remote_code_files  # noqa: E402
-from modeling_conformer import ConformerForImageClassification  # noqa: E402
+from modeling_conformer import ConformerForImageClassification, ConformerModel  # noqa: E402
+from token_merging import (  # noqa: E402
+    MATCHING_FUNCTIONS,
+    keep_rate_for_token_layers,
+    merge_schedule,
+    merge_wavg,
+    staged_schedule,
+    token_layers,
+)
 
 # Photographs and textures that scikit-image ships inside its wheel (no download).
 BACKGROUNDS = (
@@ -161,10 +171,7 @@ def task_config(hidden_size: int, num_layers: int, num_heads: int, image_size: i
         intermediate_size=4 * hidden_size,
         image_size=image_size,
         patch_size=patch_size,
-        # ViT's 0.02 suits width 768. At width 64 it leaves every layer close to the identity: the digits model (same
-        # shape, plain digits) sat at chance (loss ln 10) for 6 epochs and reached 1.7 in 12; with 0.1 (about
-        # 1/sqrt(width)) it reached 0.1 in 10. On cluttered digits 0.02 never left chance here.
-        initializer_range=0.1,
+        initializer_range=0.1,  # ViT's 0.02 suits width 768; a narrow model drawn so small stays near chance
     )
 
 
@@ -214,9 +221,19 @@ def compare(logits, labels, reference_logits) -> dict:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def schedules(r_values, num_tokens: int, num_layers: int) -> dict:
-    """r -> tokens merged per layer, the same for every mode (equal r, equal token counts)."""
-    return {r: schedule_for(r, num_tokens, num_layers) for r in r_values}
+def schedules(r_values, num_tokens: int, num_layers: int, staged_layers: list[int] | None = None) -> dict:
+    """Label -> tokens merged per layer, the same for every mode (equal r, equal token counts): ToMe's constant r
+    (label `"r"`), and with `staged_layers` ATC's staged reduction at the same token-layers (label `"staged r"`, its
+    keep rate computed by `keep_rate_for_token_layers`, then clamped for every mode as the constant one is)."""
+    schedule_of = {}
+    for r in r_values:
+        constant = schedule_for(r, num_tokens, num_layers)
+        schedule_of[str(r)] = constant
+        if staged_layers:
+            rate = keep_rate_for_token_layers(token_layers(constant, num_tokens), num_tokens, num_layers, staged_layers)
+            staged = staged_schedule(num_tokens, num_layers, staged_layers, rate)
+            schedule_of[f"staged {r}"] = merge_schedule(staged, num_tokens, num_layers, MODES)
+    return schedule_of
 
 
 def measure_speed(base, schedule_of: dict, test_images, batch_size: int, repeats: int) -> dict:
@@ -231,7 +248,8 @@ def result_row(mode, r, schedule, num_tokens, logits, test, reference_logits, sp
     return {
         "mode": mode or "none",
         "r": r,
-        "schedule": "/".join(map(str, schedule)) if r else "-",
+        "schedule": "/".join(map(str, schedule)) if any(schedule) else "-",
+        "token-layers": token_layers(schedule, num_tokens),
         "tokens left": num_tokens - sum(schedule),
         **compare(logits, test["labels"], reference_logits),
         "images/s": speed[(mode, r)],
@@ -242,7 +260,8 @@ def result_row(mode, r, schedule, num_tokens, logits, test, reference_logits, sp
 def off_the_shelf(base, schedule_of: dict, test, speed, num_tokens: int) -> list[dict]:
     """The trained model evaluated with every mode and r, weights unchanged."""
     reference_logits = predict(base, test["images"])
-    rows = [result_row(None, 0, [], num_tokens, reference_logits, test, reference_logits, speed)]
+    unmerged = [0] * base.config.num_hidden_layers
+    rows = [result_row(None, 0, unmerged, num_tokens, reference_logits, test, reference_logits, speed)]
     for mode in MODES:
         for r, schedule in schedule_of.items():
             logits = predict(with_merging(base, mode, schedule), test["images"])
@@ -254,7 +273,8 @@ def fine_tuned(base, schedule_of: dict, train_set, test, speed, num_tokens: int,
     """Each mode and r fine-tuned with merging on, from the same weights, on the same batches (ToMe's second
     setting); KL is still against the unmerged base model."""
     reference_logits = predict(base, test["images"])
-    rows = [result_row(None, 0, [], num_tokens, reference_logits, test, reference_logits, speed)]
+    unmerged = [0] * base.config.num_hidden_layers
+    rows = [result_row(None, 0, unmerged, num_tokens, reference_logits, test, reference_logits, speed)]
     for mode in MODES:
         for r, schedule in schedule_of.items():
             print(f"Fine-tuning with {mode} merging, r={r} ({'/'.join(map(str, schedule))})", flush=True)
@@ -269,19 +289,47 @@ KL_AT_EQUAL_SPEED = f"KL over {REFERENCE_MODE}'s at equal speed"
 
 
 def add_equal_speed_columns(rows: list[dict]) -> list[dict]:
-    """Beside each row, the reference mode's accuracy at the same images/s (linear between its own measured points; "-"
-    outside their range) and the difference, and the row's KL over the reference's KL at the same images/s (below 1:
-    the predictions move less than bipartite's at equal speed). The unmerged model is not a reference point: on a model
-    this small it can run faster than bipartite at small r, and its KL of 0 would pull the curve down between them."""
-    points = sorted((row["images/s"], row["accuracy %"], row["KL"]) for row in rows if row["mode"] == REFERENCE_MODE)
-    speeds, accuracies, kls = (np.array(column) for column in zip(*points))
+    """Beside each row, the best the reference mode does with any of its schedules at the same speed or faster: its
+    highest accuracy among its points measured at least as fast as the row ("-" where none is), the difference, and the
+    row's KL over the reference's lowest KL there (below 1: the predictions move less than bipartite's at equal
+    speed). The unmerged model is not a reference point: on a small model it can run faster than bipartite."""
+    points = [(row["images/s"], row["accuracy %"], row["KL"]) for row in rows if row["mode"] == REFERENCE_MODE]
     for row in rows:
-        inside = speeds[0] <= row["images/s"] <= speeds[-1]
-        at_speed = float(np.interp(row["images/s"], speeds, accuracies)) if inside else math.nan
-        kl_at_speed = float(np.interp(row["images/s"], speeds, kls)) if inside else math.nan
-        row[f"{REFERENCE_MODE} at same images/s"] = at_speed
-        row["gain at equal speed"] = row["accuracy %"] - at_speed
-        row[KL_AT_EQUAL_SPEED] = row["KL"] / kl_at_speed if kl_at_speed > 0 else math.nan
+        as_fast = [(accuracy, kl) for speed, accuracy, kl in points if speed >= row["images/s"]]
+        best_accuracy = max((accuracy for accuracy, _ in as_fast), default=math.nan)
+        best_kl = min((kl for _, kl in as_fast), default=math.nan)
+        row[f"{REFERENCE_MODE} at same images/s"] = best_accuracy
+        row["gain at equal speed"] = row["accuracy %"] - best_accuracy
+        row[KL_AT_EQUAL_SPEED] = row["KL"] / best_kl if best_kl > 0 else math.nan
+    return rows
+
+
+def merge_once(mode: str, keys: torch.Tensor, merge_r: int, hidden: torch.Tensor, _inputs=None):
+    """One layer's merge: `mode`'s matching on the keys averaged over heads, then the size-weighted means."""
+    return merge_wavg(MATCHING_FUNCTIONS[mode](keys, merge_r, None)[0], hidden)
+
+
+@torch.inference_mode()
+def merge_share(config, merge_r: int, batch: int, repeats: int) -> dict:
+    """Mode -> the time of one merge as a share (%) of one layer without merging plus that merge, on random tokens of
+    `config`'s shape, all timed interleaved."""
+    single = ConformerConfig(**{**config.to_dict(), "num_hidden_layers": 1, "merge_mode": "none", "merge_r": 0})
+    layer = ConformerModel(single).layers[0].eval()  # built by the model: its attention implementation is sdpa's
+    tokens = config.num_prefix_tokens + config.num_patches
+    hidden = torch.randn(batch, tokens, config.hidden_size)
+    keys = torch.randn(batch, tokens, config.hidden_size // config.num_attention_heads)
+    calls = {"layer": layer} | {mode: functools.partial(merge_once, mode, keys, merge_r, hidden) for mode in MODES}
+    timed = time_models(calls, hidden, repeats, warmup=2)
+    layer_time = 1 / timed["layer"][0]
+    return {mode: 100 * (1 / timed[mode][0]) / (layer_time + 1 / timed[mode][0]) for mode in MODES}
+
+
+def merge_share_rows(shapes: dict, batch: int, repeats: int) -> list[dict]:
+    """One row per model shape and mode: the merge's share of the layer time (`merge_share`)."""
+    rows = []
+    for name, (config, merge_r) in shapes.items():
+        for mode, share in merge_share(config, merge_r, batch, repeats).items():
+            rows.append({"shape": name, "mode": mode, "merge share %": share})
     return rows
 
 
@@ -289,7 +337,7 @@ def add_equal_speed_columns(rows: list[dict]) -> list[dict]:
 # Result files
 # --------------------------------------------------------------------------------------------------------------------
 
-COLUMNS = ["mode", "r", "schedule", "tokens left", "accuracy %", "KL", "images/s", "speed-up"]
+COLUMNS = ["mode", "r", "schedule", "token-layers", "tokens left", "accuracy %", "KL", "images/s", "speed-up"]
 COLUMNS += [f"{REFERENCE_MODE} at same images/s", "gain at equal speed", KL_AT_EQUAL_SPEED]
 DIGITS = {"accuracy %": 1, "KL": ".2e", "images/s": 0, "speed-up": 2}
 DIGITS |= {f"{REFERENCE_MODE} at same images/s": 1, "gain at equal speed": 1, KL_AT_EQUAL_SPEED: 2}
@@ -298,7 +346,15 @@ DIGITS |= {f"{REFERENCE_MODE} at same images/s": 1, "gain at equal speed": 1, KL
 def write_results(results_dir: Path, name: str, settings: str, tables: dict) -> str:
     """`{name}.md` (the settings and one table per entry of `tables`), `{name}.csv` (all rows, a `table` column
     naming theirs) and `{name}.png`; returns the Markdown."""
-    sections = [(heading, rows, COLUMNS, DIGITS) for heading, rows in tables.items()]
+    sections = [
+        (
+            heading,
+            rows,
+            COLUMNS if "mode" in rows[0] and "r" in rows[0] else list(rows[0]),
+            DIGITS | {"merge share %": 1},
+        )
+        for heading, rows in tables.items()
+    ]
     text = write_tables(name, "Merging on cluttered digits", settings, sections, results_dir=results_dir)
     plot(results_dir / f"{name}.png", tables)
     return text
@@ -311,14 +367,21 @@ def plot(path: Path, tables: dict):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    tables = {heading: rows for heading, rows in tables.items() if "images/s" in rows[0]}  # the accuracy tables
     figure, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4.5), sharey=True, squeeze=False)
     for axis, (heading, rows) in zip(axes[0], tables.items()):
         unmerged = [row for row in rows if row["mode"] == "none"]
         for mode in MODES:
-            points = unmerged + [row for row in rows if row["mode"] == mode]
-            axis.plot([p["images/s"] for p in points], [p["accuracy %"] for p in points], "o-", label=mode)
-            for point in points[1:]:
-                axis.annotate(str(point["r"]), (point["images/s"], point["accuracy %"]), fontsize=7)
+            for staged in (False, True):  # one line per schedule kind, staged points as squares
+                points = unmerged + [
+                    row for row in rows if row["mode"] == mode and str(row["r"]).startswith("staged") == staged
+                ]
+                if len(points) == 1:
+                    continue
+                axis.plot([p["images/s"] for p in points], [p["accuracy %"] for p in points], "s--" if staged else "o-",
+                          label=f"{mode}{', staged' * staged}")  # fmt: skip
+                for point in points[1:]:
+                    axis.annotate(str(point["r"]), (point["images/s"], point["accuracy %"]), fontsize=7)
         axis.set(title=heading, xlabel="images/s (measured, one run)")
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy %  (numbers: r)")
@@ -349,6 +412,12 @@ def parse_args(argv=None):
     add("--finetune_r", type=int, nargs="*", default=[8], help="r values fine-tuned with merging on, every mode")
     add("--finetune_epochs", type=int, default=1, help="epochs of each fine-tune with merging on")
     add("--finetune_lr", type=float, default=2e-4, help="peak learning rate of the fine-tunes")
+    add("--finetune_images", type=int, help="fine-tune on the first this many training images (default: all)")
+    add(
+        "--staged_layers", type=int, nargs="*", default=[],
+        help="also ATC's staged schedule merging in these layers (0-based), at each r's token-layers",
+    )  # fmt: skip
+    add("--share_batch", type=int, default=8, help="batch of the merge's share of the layer time (0: not measured)")
     add("--timing_batch", type=int, default=64, help="batch size of the images/s measurement")
     add("--timing_repeats", type=int, default=9, help="timings per setting (the median is reported)")
     add("--threads", type=int, default=2, help="torch threads")
@@ -364,6 +433,8 @@ def parse_args(argv=None):
         parser.error(f"--name {args.name!r} must be a plain file name (letters, digits, _ . -)")
     if args.image_size % args.patch_size or min(args.train_images, args.test_images, args.epochs) < 1:
         parser.error("--image_size must be a multiple of --patch_size; images and epochs at least 1")
+    if any(not 0 <= layer < args.layers for layer in args.staged_layers):
+        parser.error(f"--staged_layers must be layers of 0..{args.layers - 1}")
     if min(args.r_values) < 1 or not set(args.finetune_r) <= set(args.r_values):
         parser.error("--r_values must be at least 1, and --finetune_r a subset of them (their speed is measured)")
     if min(args.timing_batch, args.timing_repeats, args.threads, args.finetune_epochs) < 1:
@@ -389,14 +460,16 @@ def main(argv=None) -> str:
     if args.save_model:
         save_model(base, test, args.save_model)
     num_tokens = 1 + base.config.num_patches
-    schedule_of = schedules(args.r_values, num_tokens, args.layers)
+    schedule_of = schedules(args.r_values, num_tokens, args.layers, args.staged_layers)
     speed = measure_speed(base, schedule_of, test["images"], args.timing_batch, args.timing_repeats)
     tables = {"Off the shelf": add_equal_speed_columns(off_the_shelf(base, schedule_of, test, speed, num_tokens))}
     if args.finetune_r:
-        finetune_schedules = {r: schedule_of[r] for r in args.finetune_r}
+        labels = [str(r) for r in args.finetune_r] + [f"staged {r}" for r in args.finetune_r if args.staged_layers]
+        finetune_schedules = {label: schedule_of[label] for label in labels}
+        subset = slice(0, args.finetune_images)
         rows = fine_tuned(
-            base, finetune_schedules, (train_set["images"], train_set["labels"]), test, speed, num_tokens,
-            args.finetune_epochs, args.finetune_lr, args.seed,
+            base, finetune_schedules, (train_set["images"][subset], train_set["labels"][subset]), test, speed,
+            num_tokens, args.finetune_epochs, args.finetune_lr, args.seed,
         )  # fmt: skip
         tables[f"After {args.finetune_epochs} epoch(s) of fine-tuning with merging on"] = add_equal_speed_columns(rows)
     settings = (
@@ -404,11 +477,22 @@ def main(argv=None) -> str:
         f"{args.patch_size}-px patches ({num_tokens} tokens); Conformer of width {args.hidden_size}, "
         f"{args.layers} layers, {args.heads} heads, class-token classifier, trained {args.epochs} epochs without "
         f"merging (AdamW, lr {args.lr}, weights drawn with std 0.1); fine-tunes {args.finetune_epochs} epoch(s) at "
-        f"lr {args.finetune_lr}. KL is "
+        f"lr {args.finetune_lr} on {args.finetune_images or args.train_images} images"
+        f"{f'; staged schedules merge in layers {args.staged_layers}' if args.staged_layers else ''}. KL is "
         f"KL(unmerged || merged) on the test set. images/s: median of {args.timing_repeats} round-robin timings at "
         f"batch {args.timing_batch}, torch {torch.__version__}, {args.threads} thread(s), seed {args.seed}; "
         f"the whole run took {time.perf_counter() - start:.0f} s."
     )
+    if args.share_batch:
+        first_r = args.r_values[0]
+        shapes = {
+            f"this model ({num_tokens} tokens, width {args.hidden_size}), r={first_r}": (base.config, first_r),
+            "ViT-S/16 at 224 px (197 tokens, width 384), r=13": (ConformerConfig.from_preset("ViT-S_16"), 13),
+            "ViT-B/16 at 224 px (197 tokens, width 768), r=16": (ConformerConfig.from_preset("ViT-B_16"), 16),
+        }
+        tables["Merge cost per call, as a share of the layer's time"] = merge_share_rows(
+            shapes, args.share_batch, args.timing_repeats
+        )
     text = write_results(args.results_dir, args.name, settings, tables)
     print(text)
     return text

@@ -420,7 +420,7 @@ def write_training_card(
 
 MERGING_CARD_TEXT = """# {name}
 
-`{source}` with token merging set to **{setting}** (`merge_mode="{merge_mode}"`, `merge_r={merge_r}`): {reason}. \
+`{source}` with token merging set to **{setting}** ({fields}): {reason}. \
 The weights are the source's, unchanged; load with `merge_mode="none"` to get its original outputs.
 
 ## Measured by `evaluate_merging.py`
@@ -444,10 +444,12 @@ classify = pipeline("image-classification", model="{name}", trust_remote_code=Tr
 
 
 def render_merging_card(
-    folder_name: str, summary: dict, results, picked, reason: str, description: str, table: str, source_license=None
-):
+    folder_name: str, summary: dict, results, picked, fields: dict, reason: str, description: str, table: str,
+    source_license=None,
+):  # fmt: skip
     """README.md of a folder `evaluate_merging.py --save_folder` wrote: the Hub's metadata (a `model-index` with one
-    accuracy per setting measured) and a short text: the `picked` setting, the `reason` it was picked, the `table`."""
+    accuracy per setting measured) and a short text: the `picked` setting (its config `fields`), the `reason` it was
+    picked, the `table`."""
 
     def remote_id(name):  # a local folder is not on the Hub even when its path looks like `org/name`
         return None if name is None or os.path.exists(name) else hub_id(name)
@@ -470,7 +472,8 @@ def render_merging_card(
     )  # fmt: skip
     text = MERGING_CARD_TEXT.format(
         name=folder_name, source=summary["model"], setting=picked.setting, merge_mode=picked.merge_mode,
-        merge_r=picked.merge_r, reason=reason, description=description, table=table,
+        fields=", ".join(f"`{key}={value!r}`" for key, value in fields.items() if value is not None),
+        reason=reason, description=description, table=table,
         command=summary["command"],
     )  # fmt: skip
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}"))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassError
 from tqdm.auto import tqdm
 
 from conformer_vit.sources import reconfigured
@@ -36,29 +37,43 @@ FLOP_FORMULA = (
 
 @dataclass(frozen=True)
 class MergeSetting:
-    """One way to run the model: a merge mode and its r (one int for every layer, or a tuple with one per layer)."""
+    """One way to run the model: a merge mode and its schedule: r (one int for every layer, or a tuple with one per
+    layer; `merge_schedule="decreasing"`: ToMe's decreasing r), or ATC's staged reduction (`merge_layers`, each keeping
+    `merge_keep_rate` of the patch tokens)."""
 
     merge_mode: str = "none"
     merge_r: int | tuple[int, ...] = 0
+    merge_schedule: str = "constant"
+    merge_layers: tuple[int, ...] | None = None
+    merge_keep_rate: float | None = None
 
     @property
     def name(self) -> str:
-        """`unmerged`, `bipartite r=4`, `ward r=8,8,4,4`."""
+        """`unmerged`, `bipartite r=4`, `ward r=8,8,4,4`, `ward r=8 decreasing`, `ward layers 3,6,9 keep 0.63`."""
         if self.merge_mode == "none":
             return "unmerged"
-        return f"{self.merge_mode} r={format_merge_r(self.merge_r)}"
+        if self.merge_layers is not None:
+            return f"{self.merge_mode} layers {format_merge_r(self.merge_layers)} keep {self.merge_keep_rate:g}"
+        decreasing = " decreasing" if self.merge_schedule == "decreasing" else ""
+        return f"{self.merge_mode} r={format_merge_r(self.merge_r)}{decreasing}"
 
     @property
     def config_changes(self) -> dict:
-        """The config fields of this setting, as `reconfigured` and `from_pretrained` take them."""
+        """The config fields of this setting, as `reconfigured` and `from_pretrained` take them (every schedule field,
+        so that a model saved with another schedule takes this one)."""
         merge_r = list(self.merge_r) if isinstance(self.merge_r, tuple) else self.merge_r
-        return {"merge_mode": self.merge_mode, "merge_r": merge_r if self.merge_mode != "none" else 0}
+        layers = list(self.merge_layers) if self.merge_layers is not None else None
+        return {
+            "merge_mode": self.merge_mode,
+            "merge_r": merge_r if self.merge_mode != "none" else 0,
+            "merge_schedule": self.merge_schedule,
+            "merge_layers": layers,
+            "merge_keep_rate": self.merge_keep_rate,
+        }
 
-    def schedule(self, num_layers: int) -> list[int]:
-        """Tokens merged in each layer."""
-        if self.merge_mode == "none":
-            return [0] * num_layers
-        return list(self.merge_r) if isinstance(self.merge_r, tuple) else [self.merge_r] * num_layers
+    def schedule(self, config) -> list[int]:
+        """Tokens merged in each layer of `config`'s model under this setting."""
+        return type(config)(**{**config.to_dict(), **self.config_changes}).merge_r_per_layer
 
 
 UNMERGED = MergeSetting()
@@ -69,14 +84,26 @@ def format_merge_r(merge_r) -> str:
     return ",".join(map(str, merge_r)) if isinstance(merge_r, (list, tuple)) else str(merge_r)
 
 
-def build_settings(modes: Iterable[str], r_values: Iterable) -> list[MergeSetting]:
-    """The unmerged model, then every mode with every r (an int, or a list with one per layer), without repeats."""
+def build_settings(
+    modes: Iterable[str],
+    r_values: Iterable,
+    decreasing: bool = False,
+    merge_layers: Iterable[int] | None = None,
+    keep_rates: Iterable[float] = (),
+) -> list[MergeSetting]:
+    """The unmerged model, then for every mode: every r (an int, or a list with one per layer), with `decreasing` also
+    ToMe's decreasing schedule of each int r, and ATC's staged reduction at `merge_layers` for each of `keep_rates`;
+    without repeats."""
     settings = [UNMERGED]
+    layers = tuple(merge_layers) if merge_layers else None
     for mode in modes:
+        candidates = []
         for merge_r in r_values:
-            setting = MergeSetting(mode, tuple(merge_r) if isinstance(merge_r, (list, tuple)) else merge_r)
-            if setting not in settings:
-                settings.append(setting)
+            candidates.append(MergeSetting(mode, tuple(merge_r) if isinstance(merge_r, (list, tuple)) else merge_r))
+            if decreasing and isinstance(merge_r, int):
+                candidates.append(MergeSetting(mode, merge_r, merge_schedule="decreasing"))
+        candidates += [MergeSetting(mode, merge_layers=layers, merge_keep_rate=rate) for rate in keep_rates if layers]
+        settings += [setting for setting in candidates if setting not in settings]
     return settings
 
 
@@ -98,15 +125,16 @@ def check_settings(config, settings: Iterable[MergeSetting]):
                 f"merge_r {format_merge_r(setting.merge_r)} lists {len(setting.merge_r)} values but the model has "
                 f"{layers} layers: give one int, or one per layer."
             )
-        if min(setting.schedule(layers)) < 0:
-            raise ValueError(f"merge_r {format_merge_r(setting.merge_r)}: r must be 0 or more.")
         try:
+            schedule = setting.schedule(config)  # the config checks the staged fields
+            if min(schedule) < 0:
+                raise ValueError(f"merge_r {format_merge_r(setting.merge_r)}: r must be 0 or more.")
             check_merge_schedule(
-                setting.config_changes["merge_r"], layers, num_tokens(config), setting.merge_mode,
-                config.num_prefix_tokens, where=f" at image_size={config.image_size}",
+                schedule, layers, num_tokens(config), setting.merge_mode, config.num_prefix_tokens,
+                where=f" at image_size={config.image_size}",
             )  # fmt: skip
-        except ValueError as error:
-            raise ValueError(f"{setting.name}: {error}") from None
+        except (ValueError, StrictDataclassError) as error:
+            raise ValueError(f"{setting.name}: {str(error).strip().splitlines()[-1]}") from None
 
 
 def largest_constant_r(config, modes: Iterable[str]) -> int:
@@ -271,6 +299,9 @@ class SettingResult:
     setting: str
     merge_mode: str
     merge_r: int | list[int]
+    merge_schedule: str  # "constant" or "decreasing" (for an int merge_r)
+    merge_layers: list[int] | None  # ATC's staged reduction: the layers that merge
+    merge_keep_rate: float | None  # and the share of patch tokens each keeps
     schedule: list[int]  # tokens merged per layer
     tokens_left: float  # after the last layer, prefix tokens included; mean over images
     flop_ratio: float  # encoder FLOPs / the unmerged encoder's
@@ -360,12 +391,15 @@ def sweep(
     reference_logits, reference_speed = logits[UNMERGED], timings[UNMERGED].images_per_s
     results = []
     for setting in settings:
-        schedule = setting.schedule(config.num_hidden_layers)
+        schedule = setting.schedule(config)
         results.append(
             SettingResult(
                 setting=setting.name,
                 merge_mode=setting.merge_mode,
                 merge_r=setting.config_changes["merge_r"],
+                merge_schedule=setting.merge_schedule,
+                merge_layers=setting.config_changes["merge_layers"],
+                merge_keep_rate=setting.merge_keep_rate,
                 schedule=schedule,
                 tokens_left=tokens_left[setting],
                 flop_ratio=flop_ratio(config, schedule),

@@ -411,8 +411,8 @@ def test_timing_warms_up_every_model_first_then_times_each_once_per_round():
 
 def result(setting, accuracy, images_per_s, reference_speed=100.0) -> SettingResult:
     return SettingResult(
-        setting, "none" if setting == "unmerged" else "bipartite", 0, [0], 1.0, 1.0, accuracy, None, 0.0,
-        images_per_s, 0.0, images_per_s / reference_speed,
+        setting, "none" if setting == "unmerged" else "bipartite", 0, "constant", None, None, [0], 1.0, 1.0, accuracy,
+        None, 0.0, images_per_s, 0.0, images_per_s / reference_speed,
     )  # fmt: skip
 
 
@@ -424,3 +424,25 @@ def test_pick_takes_the_fastest_within_the_drop_and_the_most_accurate_above_the_
     assert pick_setting(rows, min_speedup=1.6).setting == "b"
     assert pick_setting(rows, min_speedup=3.0).setting == "c"
     assert pick_setting(rows, min_speedup=5.0) is None
+
+
+def test_decreasing_and_staged_schedules_are_settings_and_a_staged_pick_reloads(tiny_conformer, tmp_path):
+    """--decreasing and --merge_layers/--keep_rates add ToMe's decreasing and ATC's staged schedules; each row's
+    schedule is what the config computes, and a staged pick is saved with its fields."""
+    output_dir, folder = tmp_path / "results", tmp_path / "staged"
+    args = ["--model_name_or_path", tiny_conformer, "--dataset_name", "digits", "--output_dir", output_dir, *QUICK]
+    args += ["--merge_modes", "ward", "--merge_r", "2", "--decreasing", "--merge_layers", "0", "--keep_rates", "0.5"]
+    assert run_main(*args, "--pick", "max_drop=100", "--save_folder", folder) == 0
+    report = json.loads((output_dir / "merging.json").read_text())
+    rows = {row["setting"]: row for row in report["settings"]}
+    assert list(rows) == ["unmerged", "ward r=2", "ward r=2 decreasing", "ward layers 0 keep 0.5"]
+    config = ConformerForImageClassification.from_pretrained(tiny_conformer).config
+    for name, fields in (("ward r=2 decreasing", dict(merge_r=2, merge_schedule="decreasing")),
+                         ("ward layers 0 keep 0.5", dict(merge_layers=[0], merge_keep_rate=0.5))):  # fmt: skip
+        expected = ConformerConfig(**{**config.to_dict(), "merge_mode": "ward", **fields}).merge_r_per_layer
+        assert rows[name]["schedule"] == expected
+    assert rows["ward layers 0 keep 0.5"]["schedule"][0] == round(0.5 * config.num_patches)  # ATC's rate, by hand
+    picked = rows[report["pick"]["setting"]]
+    saved = ConformerForImageClassification.from_pretrained(folder).config
+    assert (saved.merge_layers, saved.merge_keep_rate) == (picked["merge_layers"], picked["merge_keep_rate"])
+    assert saved.merge_r_per_layer == picked["schedule"]
