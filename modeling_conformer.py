@@ -151,7 +151,8 @@ class ConformerPatchEmbeddings(nn.Module):
         if pixel_values.shape[0] == 0:  # attention kernels cannot reshape an empty batch
             raise ValueError("pixel_values holds an empty batch (0 images); pass at least one image.")
         features = self.backbone(pixel_values).feature_maps[-1] if self.backbone is not None else pixel_values
-        return self.projection(features).flatten(2).transpose(1, 2)  # [batch, patches, hidden]
+        # [batch, patches, hidden]; a copy, not a view: FSDP2 warns about views a wrapped module returns
+        return self.projection(features).flatten(2).transpose(1, 2).contiguous()
 
 
 class ConformerEmbeddings(nn.Module):

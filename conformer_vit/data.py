@@ -186,7 +186,12 @@ def load_named_dataset(
 ) -> DatasetDict:
     """A `save_to_disk` folder, or a dataset from the Hub (`cifar10`, `cifar100`, `user/name`, ...)."""
     if os.path.isdir(name) and any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
-        dataset = load_from_disk(name)
+        try:
+            dataset = load_from_disk(name)
+        except IndexError:  # datasets' own error for a split saved without any rows
+            raise DataError(f"the saved dataset {name!r} has a split without data files: it holds no images") from None
+        except (ValueError, OSError) as error:  # truncated or foreign files
+            raise DataError(f"cannot read the saved dataset {name!r}: {error or type(error).__name__}") from None
         return dataset if isinstance(dataset, DatasetDict) else DatasetDict(train=dataset)
     try:
         return load_dataset(name, config_name, cache_dir=cache_dir, token=token)

@@ -280,7 +280,7 @@ def from_transformers(
     try:
         config = model_class.config_class(**{**fields, **config_overrides, "num_labels": num_labels})
     except StrictDataclassError as error:
-        raise ValueError(_first_line(error)) from None
+        raise ValueError(_cause_line(error)) from None
     model = model_class._from_config(config, attn_implementation=attn_implementation)
     if model_class.base_model_prefix in dict(model.named_children()):
         state_dict = {f"{model_class.base_model_prefix}.{key}": value for key, value in base_state.items()}
@@ -296,7 +296,8 @@ def from_transformers(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _first_line(error: Exception) -> str:
+def _cause_line(error: Exception) -> str:
+    """The last non-empty line of an error's message: where `@strict` and transformers put the cause."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[-1] if lines else type(error).__name__
 
@@ -348,7 +349,7 @@ def reconfigured(model: ConformerPreTrainedModel, **changes) -> ConformerPreTrai
             setattr(config, key, value)
         config.validate_architecture()
     except StrictDataclassError as error:
-        raise ValueError(_first_line(error)) from None
+        raise ValueError(_cause_line(error)) from None
     return with_config(model, config)
 
 
@@ -403,9 +404,9 @@ def load_model(
         )
     except (SafetensorError, RuntimeError, pickle.UnpicklingError, EOFError) as error:
         # A truncated or foreign weights file, weights of other shapes than config.json says, a planted pickle.
-        raise ValueError(f"{location}: its weights cannot be loaded: {_first_line(error)}") from None
+        raise ValueError(f"{location}: its weights cannot be loaded: {_cause_line(error)}") from None
     except (ValueError, StrictDataclassError) as error:  # a config that cannot work: named with its folder
-        message = _first_line(error)
+        message = _cause_line(error)
         raise ValueError(message if location in message else f"{location}: {message}") from None
     problems = [f"{kind.split('_')[0]} {', '.join(map(str, sorted(keys)[:3]))}" for kind, keys in loading.items()
                 if kind in ("missing_keys", "unexpected_keys", "mismatched_keys") and keys]  # fmt: skip

@@ -208,3 +208,9 @@ def test_missing_column_and_folder_errors_name_what_exists(tmp_path):
     (tmp_path / "cat" / "notes.txt").write_text("no images here")
     with pytest.raises(DataError, match="holds no images"):
         image_data.load_image_folders(str(tmp_path), None)
+
+
+def test_a_dataset_saved_empty_is_one_data_error(tmp_path):
+    datasets.DatasetDict(validation=datasets.Dataset.from_dict({"label": [1]}).select([])).save_to_disk(tmp_path / "e")
+    with pytest.raises(DataError, match="holds no images"):
+        image_data.load_named_dataset(str(tmp_path / "e"))
