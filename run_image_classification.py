@@ -397,7 +397,10 @@ def build_model(model_args: ModelArguments, labels: list[str]):
     base = load_checkpoint(model_args)
     config = build_config(None if base is None else base.config, model_args, labels)
     try:
-        model = ConformerForImageClassification(config) if base is None else with_config(base, config)
+        if base is None:
+            model = ConformerForImageClassification(config)
+        else:  # a backbone (a ConformerModel) becomes the base of the classifier the dataset's labels ask for
+            model = with_config(base, config, ConformerForImageClassification)
     except ValueError as error:  # weights that do not fit, or a merge schedule the resolution cannot run
         raise ScriptError(str(error)) from None
     if base is None:

@@ -255,6 +255,7 @@ def from_transformers(
 ) -> ConformerPreTrainedModel:
     """`model_class.from_transformers`: a `model_class` with the weights of a ViT-family model (an object, a local
     folder or a Hub id). `config_overrides` set any config field; with merging off the outputs are the source's."""
+    _check_names(model_class.config_class, config_overrides)
     source = _source_model(model_or_path, attn_implementation, **(hub_kwargs or {}))
     base_state, head_state, source_classifier = _source_state_dict(source)
     fields = _source_architecture(source)
@@ -276,7 +277,6 @@ def from_transformers(
         )
     if has_head and num_labels == source_config.num_labels and "id2label" not in config_overrides:
         fields.update(id2label=dict(source_config.id2label), label2id=dict(source_config.label2id))
-    _check_names(model_class.config_class, config_overrides)
     try:
         config = model_class.config_class(**{**fields, **config_overrides, "num_labels": num_labels})
     except StrictDataclassError as error:
@@ -327,12 +327,17 @@ def _checked_location(name_or_path) -> str:
     return text
 
 
-def with_config(model: ConformerPreTrainedModel, config: ConformerConfig) -> ConformerPreTrainedModel:
-    """A new model of `model`'s class built from `config`, with `model`'s weights adapted to it (`adapt_state_dict`:
-    position embeddings resampled, a new zero classifier where the head no longer fits)."""
+def with_config(model: ConformerPreTrainedModel, config: ConformerConfig, model_class=None) -> ConformerPreTrainedModel:
+    """A new `model_class` (default: `model`'s class) built from `config`, with `model`'s weights adapted to it
+    (`adapt_state_dict`: position embeddings resampled, a new zero classifier where the head no longer fits). A
+    `ConformerModel` backbone given a classifier class becomes that classifier's base model, under a new head."""
+    model_class = model_class or type(model)
     dtype = next(model.parameters()).dtype
-    new_model = type(model)._from_config(config, attn_implementation=model.config._attn_implementation, dtype=dtype)
-    new_model.load_state_dict(adapt_state_dict(model.state_dict(), new_model), strict=True)
+    new_model = model_class._from_config(config, attn_implementation=model.config._attn_implementation, dtype=dtype)
+    state = model.state_dict()
+    if not hasattr(model, model.base_model_prefix) and hasattr(new_model, new_model.base_model_prefix):
+        state = {f"{new_model.base_model_prefix}.{key}": value for key, value in state.items()}
+    new_model.load_state_dict(adapt_state_dict(state, new_model), strict=True)
     return new_model.train(model.training)
 
 

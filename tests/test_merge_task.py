@@ -93,7 +93,7 @@ def test_smallest_setting_runs_end_to_end(tmp_path):
     text = merge_task.main(
         ["--train_images", "32", "--test_images", "16", "--epochs", "1", "--hidden_size", "16", "--layers", "2"]
         + ["--heads", "2", "--r_values", "8", "--finetune_r", "8", "--timing_batch", "4", "--timing_repeats", "1"]
-        + ["--results_dir", str(tmp_path), "--save_model", str(tmp_path / "model")]
+        + ["--results_dir", str(tmp_path), "--save_model", str(tmp_path / "model"), "--share_batch", "0"]
     )
     assert "## Off the shelf" in text and "fine-tuning with merging on" in text
     with open(tmp_path / "merge_task.csv") as handle:
@@ -139,18 +139,26 @@ def test_save_model_refuses_a_folder_with_other_files(tmp_path, capsys):
     assert merge_task.parse_args(["--save_model", str(tmp_path)]).save_model == tmp_path
 
 
-def test_equal_speed_columns_interpolate_bipartite_by_hand():
+def test_equal_speed_columns_take_bipartites_best_schedule_at_the_same_speed_or_faster_by_hand():
     rows = [
-        {"mode": "none", "images/s": 18.0, "accuracy %": 80.0, "KL": 0.0},  # bipartite there: 73.2, KL 0.36
-        {"mode": "bipartite", "images/s": 10.0, "accuracy %": 70.0, "KL": 0.2},
-        {"mode": "bipartite", "images/s": 20.0, "accuracy %": 74.0, "KL": 0.4},
-        {"mode": "ward", "images/s": 15.0, "accuracy %": 73.0, "KL": 0.15},  # bipartite there: 72.0, KL 0.3
-        {"mode": "ward", "images/s": 5.0, "accuracy %": 75.0, "KL": 0.1},  # slower than every bipartite point
+        {"mode": "none", "images/s": 18.0, "accuracy %": 80.0, "KL": 0.0},  # as fast or faster: 20 (74, KL 0.4)
+        {"mode": "bipartite", "images/s": 10.0, "accuracy %": 70.0, "KL": 0.2},  # 10 and 20: best 74, least KL 0.2
+        {"mode": "bipartite", "r": "staged 4", "images/s": 20.0, "accuracy %": 74.0, "KL": 0.4},  # itself
+        {"mode": "ward", "images/s": 15.0, "accuracy %": 73.0, "KL": 0.15},  # 20: 74, KL 0.4
+        {"mode": "ward", "images/s": 5.0, "accuracy %": 75.0, "KL": 0.1},  # both: 74, KL 0.2
+        {"mode": "ward", "images/s": 25.0, "accuracy %": 72.0, "KL": 0.3},  # faster than every bipartite point
     ]
     rows = merge_task.add_equal_speed_columns(rows)
-    assert [row["gain at equal speed"] for row in rows[:4]] == pytest.approx([6.8, 0.0, 0.0, 1.0])
-    assert [row["KL over bipartite's at equal speed"] for row in rows[:4]] == pytest.approx([0.0, 1.0, 1.0, 0.5])
-    assert math.isnan(rows[4]["gain at equal speed"]) and math.isnan(rows[4]["KL over bipartite's at equal speed"])
+    assert [row["gain at equal speed"] for row in rows[:5]] == pytest.approx([6.0, -4.0, 0.0, -1.0, 1.0])
+    ratios = [row["KL over bipartite's at equal speed"] for row in rows[:5]]
+    assert ratios == pytest.approx([0.0, 1.0, 1.0, 0.375, 0.5])
+    assert math.isnan(rows[5]["gain at equal speed"]) and math.isnan(rows[5]["KL over bipartite's at equal speed"])
+
+
+def test_merge_share_is_a_share_of_layer_plus_merge_for_every_mode():
+    config = merge_task.task_config(32, 1, 2, 32, 4)
+    shares = merge_task.merge_share(config, merge_r=4, batch=2, repeats=1)
+    assert set(shares) == set(merge_task.MODES) and all(0 < share < 100 for share in shares.values())
 
 
 def test_name_must_be_a_plain_file_name(capsys):
