@@ -41,6 +41,15 @@ from common import write_results as write_tables  # noqa: E402
 
 from configuration_conformer import ConformerConfig  # noqa: E402
 from conformer_vit.hub_folder import remote_code_files  # noqa: E402
+from conformer_vit.sweep import (  # noqa: E402
+    UNMERGED,
+    MergeSetting,
+    accuracy,
+    mean_kl,
+    predict_settings,
+    setting_models,
+    time_interleaved,
+)
 from modeling_conformer import ConformerForImageClassification, ConformerModel  # noqa: E402
 from token_merging import (  # noqa: E402
     MATCHING_FUNCTIONS,
@@ -210,10 +219,8 @@ def save_model(model, test: dict, folder: Path, num_images: int = 6):
 
 
 def compare(logits, labels, reference_logits) -> dict:
-    """Accuracy and mean KL(reference || model), the reference being the unmerged model."""
-    log_probs, reference_log_probs = F.log_softmax(logits.float(), -1), F.log_softmax(reference_logits.float(), -1)
-    kl = F.kl_div(log_probs, reference_log_probs, log_target=True, reduction="none").sum(-1)
-    return {"accuracy %": 100 * (logits.argmax(-1) == labels).float().mean().item(), "KL": kl.mean().item()}
+    """Accuracy and mean KL(reference || model), the reference being the unmerged model (`conformer_vit.sweep`'s)."""
+    return {"accuracy %": 100 * accuracy(logits, labels), "KL": mean_kl(reference_logits, logits)}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -236,12 +243,21 @@ def schedules(r_values, num_tokens: int, num_layers: int, staged_layers: list[in
     return schedule_of
 
 
+def settings_of(schedule_of: dict) -> dict:
+    """(mode, label) -> the `conformer_vit.sweep.MergeSetting` running that schedule; (None, 0): the unmerged model."""
+    settings = {(None, 0): UNMERGED}
+    settings |= {
+        (mode, r): MergeSetting(mode, tuple(schedule)) for mode in MODES for r, schedule in schedule_of.items()
+    }
+    return settings
+
+
 def measure_speed(base, schedule_of: dict, test_images, batch_size: int, repeats: int) -> dict:
-    """Images/s of the unmerged model (key (None, 0)) and of every (mode, r), all timed in one round-robin."""
-    models = {(None, 0): base}
-    models |= {(mode, r): with_merging(base, mode, schedule) for mode in MODES for r, schedule in schedule_of.items()}
-    timed = time_models(models, to_pixel_values(test_images[:batch_size]), repeats, warmup=1)
-    return {key: median for key, (median, _) in timed.items()}
+    """Images/s of the unmerged model (key (None, 0)) and of every (mode, r), all timed in one interleaved run."""
+    settings = settings_of(schedule_of)
+    models = setting_models(base, settings.values())
+    timed = time_interleaved(models, to_pixel_values(test_images[:batch_size]), repeats, warmup=1, calls=1)
+    return {key: timed[setting].images_per_s for key, setting in settings.items()}
 
 
 def result_row(mode, r, schedule, num_tokens, logits, test, reference_logits, speed) -> dict:
@@ -257,15 +273,21 @@ def result_row(mode, r, schedule, num_tokens, logits, test, reference_logits, sp
     }
 
 
-def off_the_shelf(base, schedule_of: dict, test, speed, num_tokens: int) -> list[dict]:
-    """The trained model evaluated with every mode and r, weights unchanged."""
-    reference_logits = predict(base, test["images"])
-    unmerged = [0] * base.config.num_hidden_layers
-    rows = [result_row(None, 0, unmerged, num_tokens, reference_logits, test, reference_logits, speed)]
-    for mode in MODES:
-        for r, schedule in schedule_of.items():
-            logits = predict(with_merging(base, mode, schedule), test["images"])
-            rows.append(result_row(mode, r, schedule, num_tokens, logits, test, reference_logits, speed))
+def off_the_shelf(base, schedule_of: dict, test, speed, num_tokens: int, batch_size: int = 256) -> list[dict]:
+    """The trained model evaluated with every mode and r, weights unchanged (`conformer_vit.sweep`'s evaluation: every
+    setting shares the weights and reads each batch once)."""
+    settings = settings_of(schedule_of)
+    batches = (
+        {"pixel_values": to_pixel_values(test["images"][start : start + batch_size]),
+         "labels": test["labels"][start : start + batch_size]}
+        for start in range(0, len(test["images"]), batch_size)
+    )  # fmt: skip
+    logits, _, _, _ = predict_settings(setting_models(base, settings.values()), batches, progress=False)
+    reference_logits = logits[UNMERGED]
+    rows = []
+    for (mode, r), setting in settings.items():
+        schedule = schedule_of[r] if mode else [0] * base.config.num_hidden_layers
+        rows.append(result_row(mode, r, schedule, num_tokens, logits[setting], test, reference_logits, speed))
     return rows
 
 
