@@ -40,6 +40,11 @@ def schedule_for(r: int, num_tokens: int, num_layers: int) -> list[int]:
     return merge_schedule(r, num_tokens, num_layers, modes=MODES)
 
 
+def on_frontier(points: list[tuple[float, float]]) -> list[bool]:
+    """For each (speed, cost) point: no other point is at least as fast and as cheap, and better in one of them."""
+    return [not any(s >= speed and c <= cost and (s, c) != (speed, cost) for s, c in points) for speed, cost in points]
+
+
 def environment_line(threads: int | None = None) -> str:
     threads = torch.get_num_threads() if threads is None else threads
     return f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}, {threads} thread(s)"

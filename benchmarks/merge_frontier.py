@@ -23,6 +23,7 @@ from common import (
     REFERENCE_MODE,
     RESULTS_DIR,
     environment_line,
+    on_frontier,
     schedule_for,
     set_up_cpu,
     time_models,
@@ -59,11 +60,6 @@ def key_sets(model, seed: int) -> dict:
     clustered, _ = clustered_keys(seed, 8, 197, 64, clusters=30, noise=1.0)
     (photos,) = capture_keys(model, photo_batch(224), [0])
     return {"clustered": clustered, "photos": photos}
-
-
-def on_frontier(points: list[tuple[float, float]]) -> list[bool]:
-    """For each (speed, cost) point: no other point is at least as fast and as cheap, and better in one of them."""
-    return [not any(s >= speed and c <= cost and (s, c) != (speed, cost) for s, c in points) for speed, cost in points]
 
 
 def at_equal_speed(rows: list[dict], key_set: str) -> list[float]:

@@ -15,8 +15,10 @@ photograph's left three quarters for training, the rest for testing). Writes `re
 
 import argparse
 import functools
+import json
 import math
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,6 +33,7 @@ from common import (  # noqa: E402
     REFERENCE_MODE,
     RESULTS_DIR,
     digits_config,
+    on_frontier,
     schedule_for,
     time_models,
     with_merging,
@@ -41,6 +44,7 @@ from common import write_results as write_tables  # noqa: E402
 
 from configuration_conformer import ConformerConfig  # noqa: E402
 from conformer_vit.hub_folder import remote_code_files  # noqa: E402
+from conformer_vit.sources import load_model  # noqa: E402
 from conformer_vit.sweep import (  # noqa: E402
     UNMERGED,
     MergeSetting,
@@ -171,8 +175,17 @@ def to_pixel_values(images: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def task_config(hidden_size: int, num_layers: int, num_heads: int, image_size: int, patch_size: int = 8):
-    """The digits model's config (10 classes, class-token classifier, no merging) in another shape."""
+def task_config(
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    image_size: int,
+    patch_size: int = 8,
+    init_std: float = 0.1,
+    classifier: str = "token",
+):
+    """The digits model's config (10 classes, no merging) in another shape. ViT's init std 0.02 suits width 768; a
+    model of width 64 drawn so small stays near chance, hence 0.1 by default."""
     return digits_config(
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
@@ -180,7 +193,8 @@ def task_config(hidden_size: int, num_layers: int, num_heads: int, image_size: i
         intermediate_size=4 * hidden_size,
         image_size=image_size,
         patch_size=patch_size,
-        initializer_range=0.1,  # ViT's 0.02 suits width 768; a narrow model drawn so small stays near chance
+        initializer_range=init_std,
+        classifier=classifier,
     )
 
 
@@ -194,7 +208,10 @@ def predict(model, images) -> torch.Tensor:
     return predict_pixels(model, to_pixel_values(images))[0]
 
 
-SAVED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", *remote_code_files())
+RECIPE_FILE = "merge_task_training.json"  # how the saved model was trained, for --base_model
+SAVED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", RECIPE_FILE, *remote_code_files())
+RECIPE = ("train_images", "image_size", "patch_size", "hidden_size", "layers", "heads", "epochs", "lr", "init_std")
+RECIPE += ("classifier", "seed")
 
 
 def written_by_save_model(path: Path) -> bool:
@@ -204,14 +221,16 @@ def written_by_save_model(path: Path) -> bool:
     )
 
 
-def save_model(model, test: dict, folder: Path, num_images: int = 6):
-    """The model (with ViT's image processor at its size, which computes `to_pixel_values`) and the first test images
-    as PNG files, for `visualize_attention.py --model FOLDER --image FOLDER/test_0_digit_7.png ...`."""
+def save_model(model, test: dict, folder: Path, recipe: dict, num_images: int = 6):
+    """The model (with ViT's image processor at its size, which computes `to_pixel_values`), its training `recipe`
+    (`RECIPE_FILE`, read by `--base_model`) and the first test images as PNG files, for
+    `visualize_attention.py --model FOLDER --image FOLDER/test_0_digit_7.png ...`."""
     from PIL import Image
     from transformers import ViTImageProcessor
 
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
+    (folder / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
     size = model.config.image_size
     ViTImageProcessor(size={"height": size, "width": size}).save_pretrained(folder)
     for i, (image, label) in enumerate(zip(test["images"][:num_images], test["labels"].tolist())):
@@ -253,14 +272,30 @@ def settings_of(schedule_of: dict) -> dict:
 
 
 def measure_speed(base, schedule_of: dict, test_images, batch_size: int, repeats: int) -> dict:
-    """Images/s of the unmerged model (key (None, 0)) and of every (mode, r), all timed in one interleaved run."""
+    """The `conformer_vit.sweep.Timing` of the unmerged model (key (None, 0)) and of every (mode, r), all timed in one
+    interleaved run."""
     settings = settings_of(schedule_of)
     models = setting_models(base, settings.values())
     timed = time_interleaved(models, to_pixel_values(test_images[:batch_size]), repeats, warmup=1, calls=1)
-    return {key: timed[setting].images_per_s for key, setting in settings.items()}
+    return {key: timed[setting] for key, setting in settings.items()}
 
 
-def result_row(mode, r, schedule, num_tokens, logits, test, reference_logits, speed) -> dict:
+def pooled_speed(runs: list[dict]) -> dict:
+    """(mode, r) -> (images/s, spread %) over separate timing runs: the median of all their rounds, and the larger of
+    the rounds' interquartile range and the range of the runs' medians, in % of that median."""
+    speed = {}
+    for key in runs[0]:
+        samples = [value for run in runs for value in run[key].samples]
+        run_medians = [statistics.median(run[key].samples) for run in runs]
+        median = statistics.median(samples)
+        quartiles = statistics.quantiles(samples, n=4) if len(samples) > 1 else [median] * 3
+        spread = max(quartiles[2] - quartiles[0], max(run_medians) - min(run_medians))
+        speed[key] = (median, 100 * spread / median)
+    return speed
+
+
+def result_row(mode, r, schedule, num_tokens, logits, test, reference_logits) -> dict:
+    """One setting's quality; `add_speed` adds its speed once every timing run is done."""
     return {
         "mode": mode or "none",
         "r": r,
@@ -268,12 +303,19 @@ def result_row(mode, r, schedule, num_tokens, logits, test, reference_logits, sp
         "token-layers": token_layers(schedule, num_tokens),
         "tokens left": num_tokens - sum(schedule),
         **compare(logits, test["labels"], reference_logits),
-        "images/s": speed[(mode, r)],
-        "speed-up": speed[(mode, r)] / speed[(None, 0)],
     }
 
 
-def off_the_shelf(base, schedule_of: dict, test, speed, num_tokens: int, batch_size: int = 256) -> list[dict]:
+def add_speed(rows: list[dict], speed: dict) -> list[dict]:
+    """images/s, spread % and speed-up over the unmerged model (`pooled_speed`'s) beside each row."""
+    for row in rows:
+        key = (None, 0) if row["mode"] == "none" else (row["mode"], row["r"])
+        row["images/s"], row["spread %"] = speed[key]
+        row["speed-up"] = row["images/s"] / speed[(None, 0)][0]
+    return rows
+
+
+def off_the_shelf(base, schedule_of: dict, test, num_tokens: int, batch_size: int = 256) -> list[dict]:
     """The trained model evaluated with every mode and r, weights unchanged (`conformer_vit.sweep`'s evaluation: every
     setting shares the weights and reads each batch once)."""
     settings = settings_of(schedule_of)
@@ -287,22 +329,22 @@ def off_the_shelf(base, schedule_of: dict, test, speed, num_tokens: int, batch_s
     rows = []
     for (mode, r), setting in settings.items():
         schedule = schedule_of[r] if mode else [0] * base.config.num_hidden_layers
-        rows.append(result_row(mode, r, schedule, num_tokens, logits[setting], test, reference_logits, speed))
+        rows.append(result_row(mode, r, schedule, num_tokens, logits[setting], test, reference_logits))
     return rows
 
 
-def fine_tuned(base, schedule_of: dict, train_set, test, speed, num_tokens: int, epochs: int, lr: float, seed: int):
+def fine_tuned(base, schedule_of: dict, train_set, test, num_tokens: int, epochs: int, lr: float, seed: int):
     """Each mode and r fine-tuned with merging on, from the same weights, on the same batches (ToMe's second
     setting); KL is still against the unmerged base model."""
     reference_logits = predict(base, test["images"])
     unmerged = [0] * base.config.num_hidden_layers
-    rows = [result_row(None, 0, unmerged, num_tokens, reference_logits, test, reference_logits, speed)]
+    rows = [result_row(None, 0, unmerged, num_tokens, reference_logits, test, reference_logits)]
     for mode in MODES:
         for r, schedule in schedule_of.items():
             print(f"Fine-tuning with {mode} merging, r={r} ({'/'.join(map(str, schedule))})", flush=True)
             model = train(with_merging(base, mode, schedule), *train_set, epochs=epochs, lr=lr, seed=seed + 1)
             rows.append(
-                result_row(mode, r, schedule, num_tokens, predict(model, test["images"]), test, reference_logits, speed)
+                result_row(mode, r, schedule, num_tokens, predict(model, test["images"]), test, reference_logits)
             )
     return rows
 
@@ -312,17 +354,30 @@ KL_AT_EQUAL_SPEED = f"KL over {REFERENCE_MODE}'s at equal speed"
 
 def add_equal_speed_columns(rows: list[dict]) -> list[dict]:
     """Beside each row, the best the reference mode does with any of its schedules at the same speed or faster: its
-    highest accuracy among its points measured at least as fast as the row ("-" where none is), the difference, and the
-    row's KL over the reference's lowest KL there (below 1: the predictions move less than bipartite's at equal
-    speed). The unmerged model is not a reference point: on a small model it can run faster than bipartite."""
+    highest accuracy among its points measured at least as fast as the row, less the row's timing spread ("-" where
+    none is), the difference, and the row's KL over the reference's lowest KL there (below 1: the predictions move
+    less than bipartite's at equal speed). Counting the reference's points that are slower only within the spread
+    makes a gain hold outside the noise of the timings. The unmerged model is not a reference point: on a small model
+    it can run faster than bipartite."""
     points = [(row["images/s"], row["accuracy %"], row["KL"]) for row in rows if row["mode"] == REFERENCE_MODE]
     for row in rows:
-        as_fast = [(accuracy, kl) for speed, accuracy, kl in points if speed >= row["images/s"]]
+        slowest = row["images/s"] * (1 - row.get("spread %", 0.0) / 100)
+        as_fast = [(accuracy, kl) for speed, accuracy, kl in points if speed >= slowest]
         best_accuracy = max((accuracy for accuracy, _ in as_fast), default=math.nan)
         best_kl = min((kl for _, kl in as_fast), default=math.nan)
         row[f"{REFERENCE_MODE} at same images/s"] = best_accuracy
         row["gain at equal speed"] = row["accuracy %"] - best_accuracy
         row[KL_AT_EQUAL_SPEED] = row["KL"] / best_kl if best_kl > 0 else math.nan
+    return rows
+
+
+def add_frontier_columns(rows: list[dict]) -> list[dict]:
+    """Whether each (mode, schedule) lies on the accuracy and on the KL frontier of its table: no other point, the
+    unmerged model included, is at least as fast and at least as good, and better in one of them."""
+    speeds = [row["images/s"] for row in rows]
+    for metric, cost in (("accuracy", lambda row: -row["accuracy %"]), ("KL", lambda row: row["KL"])):
+        for row, kept in zip(rows, on_frontier(list(zip(speeds, map(cost, rows))))):
+            row[f"frontier {metric}"] = "yes" if kept else "no"
     return rows
 
 
@@ -359,9 +414,11 @@ def merge_share_rows(shapes: dict, batch: int, repeats: int) -> list[dict]:
 # Result files
 # --------------------------------------------------------------------------------------------------------------------
 
-COLUMNS = ["mode", "r", "schedule", "token-layers", "tokens left", "accuracy %", "KL", "images/s", "speed-up"]
+COLUMNS = ["mode", "r", "schedule", "token-layers", "tokens left", "accuracy %", "KL", "images/s", "spread %"]
+COLUMNS += ["speed-up"]
 COLUMNS += [f"{REFERENCE_MODE} at same images/s", "gain at equal speed", KL_AT_EQUAL_SPEED]
-DIGITS = {"accuracy %": 1, "KL": ".2e", "images/s": 0, "speed-up": 2}
+COLUMNS += ["frontier accuracy", "frontier KL"]
+DIGITS = {"accuracy %": 1, "KL": ".2e", "images/s": 0, "spread %": 1, "speed-up": 2}
 DIGITS |= {f"{REFERENCE_MODE} at same images/s": 1, "gain at equal speed": 1, KL_AT_EQUAL_SPEED: 2}
 
 
@@ -383,31 +440,37 @@ def write_results(results_dir: Path, name: str, settings: str, tables: dict) -> 
 
 
 def plot(path: Path, tables: dict):
-    """Accuracy against measured images/s, one panel per table, one line per mode (the unmerged model on each)."""
+    """Accuracy (top) and KL (bottom, log) against measured images/s, one column per table, one line per mode and
+    schedule kind (the unmerged model on each); points on the frontier ringed in black."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tables = {heading: rows for heading, rows in tables.items() if "images/s" in rows[0]}  # the accuracy tables
-    figure, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4.5), sharey=True, squeeze=False)
-    for axis, (heading, rows) in zip(axes[0], tables.items()):
+    figure, axes = plt.subplots(2, len(tables), figsize=(6 * len(tables), 9), sharex="col", squeeze=False)
+    for column, (heading, rows) in enumerate(tables.items()):
         unmerged = [row for row in rows if row["mode"] == "none"]
-        for mode in MODES:
-            for staged in (False, True):  # one line per schedule kind, staged points as squares
-                points = unmerged + [
-                    row for row in rows if row["mode"] == mode and str(row["r"]).startswith("staged") == staged
-                ]
-                if len(points) == 1:
-                    continue
-                axis.plot([p["images/s"] for p in points], [p["accuracy %"] for p in points], "s--" if staged else "o-",
-                          label=f"{mode}{', staged' * staged}")  # fmt: skip
-                for point in points[1:]:
-                    axis.annotate(str(point["r"]), (point["images/s"], point["accuracy %"]), fontsize=7)
-        axis.set(title=heading, xlabel="images/s (measured, one run)")
-        axis.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy %  (numbers: r)")
-    axes[0][0].legend()
+        for axis, metric in zip(axes[:, column], ("accuracy %", "KL")):
+            for mode in MODES:
+                for staged in (False, True):  # one line per schedule kind, staged points as squares
+                    points = unmerged + [
+                        row for row in rows if row["mode"] == mode and str(row["r"]).startswith("staged") == staged
+                    ]
+                    if len(points) == 1:
+                        continue
+                    points = points[1:] if metric == "KL" else points  # KL 0 has no place on a log axis
+                    axis.plot([p["images/s"] for p in points], [p[metric] for p in points], "s--" if staged else "o-",
+                              label=f"{mode}{', staged' * staged}", markersize=4)  # fmt: skip
+            frontier = [row for row in rows if row[f"frontier {metric.split()[0]}"] == "yes" and row[metric] > 0]
+            axis.plot([p["images/s"] for p in frontier], [p[metric] for p in frontier], "o", markersize=10,
+                      markerfacecolor="none", markeredgecolor="black", label="on the frontier")  # fmt: skip
+            axis.set(
+                title=heading if metric != "KL" else None, ylabel=metric, yscale="log" if metric == "KL" else "linear"
+            )
+            axis.grid(alpha=0.3)
+        axes[1][column].set_xlabel("images/s (measured)")
+    axes[0][0].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -430,6 +493,13 @@ def parse_args(argv=None):
     add("--heads", type=int, default=4, help="attention heads")
     add("--epochs", type=int, default=8, help="epochs of training without merging")
     add("--lr", type=float, default=1e-3, help="peak learning rate of the training without merging")
+    add("--init_std", type=float, default=0.1, help="std of the initial weights (ViT's is 0.02)")
+    add("--classifier", choices=("token", "gap"), default="token", help="class token or mean of the tokens")
+    add(
+        "--base_model", type=Path,
+        help="a folder written by --save_model: its model, and the data of its recipe, instead of training one "
+        "(the model and data arguments above are then read from the folder)",
+    )  # fmt: skip
     add("--r_values", type=int, nargs="+", default=[2, 4, 6, 8, 10, 12], help="r of the off-the-shelf sweep")
     add("--finetune_r", type=int, nargs="*", default=[8], help="r values fine-tuned with merging on, every mode")
     add("--finetune_epochs", type=int, default=1, help="epochs of each fine-tune with merging on")
@@ -441,13 +511,26 @@ def parse_args(argv=None):
     )  # fmt: skip
     add("--share_batch", type=int, default=8, help="batch of the merge's share of the layer time (0: not measured)")
     add("--timing_batch", type=int, default=64, help="batch size of the images/s measurement")
-    add("--timing_repeats", type=int, default=9, help="timings per setting (the median is reported)")
+    add("--timing_repeats", type=int, default=9, help="rounds per timing run (the median is reported)")
+    add("--timing_runs", type=int, default=2, help="separate timing runs (one before the evaluation, the rest last)")
     add("--threads", type=int, default=2, help="torch threads")
     add("--seed", type=int, default=0, help="seed of the data and of training")
     add("--results_dir", type=Path, default=RESULTS_DIR, help="folder of the results")
     add("--name", default="merge_task", help="file name of the results: NAME.md, .csv, .png")
     add("--save_model", type=Path, help="also save the model trained without merging, and 6 test images, here")
     args = parser.parse_args(argv)
+    if args.base_model:
+        recipe_path = args.base_model / RECIPE_FILE
+        if not recipe_path.is_file():
+            parser.error(
+                f"--base_model {args.base_model} holds no {RECIPE_FILE}: name a folder written by --save_model"
+            )
+        try:
+            recipe = json.loads(recipe_path.read_text())
+            vars(args).update({name: type(getattr(args, name))(recipe[name]) for name in RECIPE})
+            vars(args)["training_s"] = float(recipe["training_s"])
+        except (ValueError, KeyError, TypeError) as error:
+            parser.error(f"--base_model {args.base_model}: {RECIPE_FILE} is not a recipe of this script ({error!r})")
     folder = args.save_model
     if folder and folder.exists() and not (folder.is_dir() and all(map(written_by_save_model, folder.iterdir()))):
         parser.error(f"--save_model {folder} is a file or holds files this script does not write: name a new folder")
@@ -459,51 +542,73 @@ def parse_args(argv=None):
         parser.error(f"--staged_layers must be layers of 0..{args.layers - 1}")
     if min(args.r_values) < 1 or not set(args.finetune_r) <= set(args.r_values):
         parser.error("--r_values must be at least 1, and --finetune_r a subset of them (their speed is measured)")
-    if min(args.timing_batch, args.timing_repeats, args.threads, args.finetune_epochs) < 1:
-        parser.error("--timing_batch, --timing_repeats, --threads and --finetune_epochs must be at least 1")
+    if min(args.timing_batch, args.timing_repeats, args.timing_runs, args.threads, args.finetune_epochs) < 1:
+        parser.error("--timing_batch, --timing_repeats, --timing_runs, --threads, --finetune_epochs must be at least 1")
     return args
+
+
+def base_model(args, train_set: dict, test: dict):
+    """The model trained without merging: `--base_model`'s, or trained here (and saved with `--save_model`)."""
+    from transformers import set_seed
+
+    if args.base_model:
+        return load_model(args.base_model).eval()
+    print(f"Training without merging: {args.epochs} epochs on {args.train_images} images", flush=True)
+    set_seed(args.seed)
+    config = task_config(
+        args.hidden_size, args.layers, args.heads, args.image_size, args.patch_size, args.init_std, args.classifier
+    )
+    model, start = ConformerForImageClassification(config), time.perf_counter()
+    train(model, train_set["images"], train_set["labels"], args.epochs, args.lr, args.seed)
+    args.training_s = time.perf_counter() - start
+    if args.save_model:
+        recipe = {name: getattr(args, name) for name in (*RECIPE, "training_s")}
+        save_model(model, test, args.save_model, recipe)
+    return model
 
 
 def main(argv=None) -> str:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from transformers import set_seed
-
     start = time.perf_counter()
     backgrounds = load_backgrounds()
     train_set = cluttered_digits(args.train_images, "train", args.image_size, args.seed, backgrounds)
     test = cluttered_digits(args.test_images, "test", args.image_size, args.seed, backgrounds)
-    print(f"Training without merging: {args.epochs} epochs on {args.train_images} images", flush=True)
-    set_seed(args.seed)
-    base = ConformerForImageClassification(
-        task_config(args.hidden_size, args.layers, args.heads, args.image_size, args.patch_size)
-    )
-    train(base, train_set["images"], train_set["labels"], args.epochs, args.lr, args.seed)
-    if args.save_model:
-        save_model(base, test, args.save_model)
-    num_tokens = 1 + base.config.num_patches
+    base = base_model(args, train_set, test)
+    num_tokens = base.config.num_prefix_tokens + base.config.num_patches
     schedule_of = schedules(args.r_values, num_tokens, args.layers, args.staged_layers)
-    speed = measure_speed(base, schedule_of, test["images"], args.timing_batch, args.timing_repeats)
-    tables = {"Off the shelf": add_equal_speed_columns(off_the_shelf(base, schedule_of, test, speed, num_tokens))}
+    timing_runs = [measure_speed(base, schedule_of, test["images"], args.timing_batch, args.timing_repeats)]
+    tables = {"Off the shelf": off_the_shelf(base, schedule_of, test, num_tokens)}
     if args.finetune_r:
         labels = [str(r) for r in args.finetune_r] + [f"staged {r}" for r in args.finetune_r if args.staged_layers]
         finetune_schedules = {label: schedule_of[label] for label in labels}
         subset = slice(0, args.finetune_images)
         rows = fine_tuned(
-            base, finetune_schedules, (train_set["images"][subset], train_set["labels"][subset]), test, speed,
-            num_tokens, args.finetune_epochs, args.finetune_lr, args.seed,
+            base, finetune_schedules, (train_set["images"][subset], train_set["labels"][subset]), test, num_tokens,
+            args.finetune_epochs, args.finetune_lr, args.seed,
         )  # fmt: skip
-        tables[f"After {args.finetune_epochs} epoch(s) of fine-tuning with merging on"] = add_equal_speed_columns(rows)
+        tables[f"After {args.finetune_epochs} epoch(s) of fine-tuning with merging on"] = rows
+    for _ in range(args.timing_runs - 1):
+        timing_runs.append(measure_speed(base, schedule_of, test["images"], args.timing_batch, args.timing_repeats))
+    speed = pooled_speed(timing_runs)
+    tables = {
+        heading: add_frontier_columns(add_equal_speed_columns(add_speed(rows, speed)))
+        for heading, rows in tables.items()
+    }
+    source = f" (loaded from {args.base_model})" if args.base_model else ""
     settings = (
         f"{args.train_images} training / {args.test_images} test images of {args.image_size} px in "
         f"{args.patch_size}-px patches ({num_tokens} tokens); Conformer of width {args.hidden_size}, "
-        f"{args.layers} layers, {args.heads} heads, class-token classifier, trained {args.epochs} epochs without "
-        f"merging (AdamW, lr {args.lr}, weights drawn with std 0.1); fine-tunes {args.finetune_epochs} epoch(s) at "
-        f"lr {args.finetune_lr} on {args.finetune_images or args.train_images} images"
+        f"{args.layers} layers, {args.heads} heads, {args.classifier} classifier, trained {args.epochs} epochs "
+        f"without merging in {args.training_s / 60:.0f} min{source} (AdamW, lr {args.lr}, batch 32, weights drawn "
+        f"with std {args.init_std}); fine-tunes {args.finetune_epochs} epoch(s) at lr {args.finetune_lr} on "
+        f"{args.finetune_images or args.train_images} images"
         f"{f'; staged schedules merge in layers {args.staged_layers}' if args.staged_layers else ''}. KL is "
-        f"KL(unmerged || merged) on the test set. images/s: median of {args.timing_repeats} round-robin timings at "
-        f"batch {args.timing_batch}, torch {torch.__version__}, {args.threads} thread(s), seed {args.seed}; "
-        f"the whole run took {time.perf_counter() - start:.0f} s."
+        f"KL(unmerged || merged) on the test set. images/s: median of {args.timing_runs} separate timing run(s) of "
+        f"{args.timing_repeats} round-robin rounds at batch {args.timing_batch} (spread: the larger of the rounds' "
+        f"interquartile range and the runs' range), torch {torch.__version__}, {args.threads} thread(s), seed "
+        f"{args.seed}; bipartite's points count as equally fast down to a row's speed less its spread. This run took "
+        f"{time.perf_counter() - start:.0f} s."
     )
     if args.share_batch:
         first_r = args.r_values[0]

@@ -71,7 +71,7 @@ def test_schedule_scatter_of_two_merges_by_hand(mode, expected):
 
 def test_frontier_keeps_only_undominated_points():
     points = [(1.0, 0.0), (2.0, 1.0), (2.0, 2.0), (3.0, 1.0), (0.5, 0.0)]
-    assert merge_frontier.on_frontier(points) == [True, False, False, True, False]
+    assert common.on_frontier(points) == [True, False, False, True, False]
 
 
 def test_equal_speed_ratio_interpolates_between_bipartite_points():

@@ -94,6 +94,7 @@ def test_smallest_setting_runs_end_to_end(tmp_path):
         ["--train_images", "32", "--test_images", "16", "--epochs", "1", "--hidden_size", "16", "--layers", "2"]
         + ["--heads", "2", "--r_values", "8", "--finetune_r", "8", "--timing_batch", "4", "--timing_repeats", "1"]
         + ["--results_dir", str(tmp_path), "--save_model", str(tmp_path / "model"), "--share_batch", "0"]
+        + ["--timing_runs", "2"]
     )
     assert "## Off the shelf" in text and "fine-tuning with merging on" in text
     with open(tmp_path / "merge_task.csv") as handle:
@@ -110,6 +111,20 @@ def test_smallest_setting_runs_end_to_end(tmp_path):
     kl_ratio = float(at_r8["bipartite"]["KL over bipartite's at equal speed"])
     assert kl_ratio == 1.0 or math.isnan(kl_ratio)  # NaN: the merges moved no prediction (KL 0)
     assert (tmp_path / "merge_task.png").stat().st_size > 0
+    assert all(float(row["spread %"]) >= 0 for row in rows) and "2 separate timing run(s)" in text
+
+    # The saved model and its recipe give the same model and data again: the same qualities, no training
+    again = merge_task.main(
+        ["--base_model", str(tmp_path / "model"), "--test_images", "16", "--r_values", "8", "--finetune_r"]
+        + ["--timing_batch", "4", "--timing_repeats", "1", "--timing_runs", "1", "--share_batch", "0"]
+        + ["--results_dir", str(tmp_path), "--name", "again", "--hidden_size", "99"]  # the recipe's width wins
+    )
+    assert "Training without merging" not in again and "width 16" in again
+    with open(tmp_path / "again.csv") as handle:
+        rerun = list(csv.DictReader(handle))
+    assert [(row["mode"], row["accuracy %"], row["KL"]) for row in rerun] == [
+        (row["mode"], row["accuracy %"], row["KL"]) for row in rows[: len(rerun)]
+    ]
 
     # The saved model reads the saved images through its image processor as the benchmark fed them
     from PIL import Image
@@ -153,6 +168,50 @@ def test_equal_speed_columns_take_bipartites_best_schedule_at_the_same_speed_or_
     ratios = [row["KL over bipartite's at equal speed"] for row in rows[:5]]
     assert ratios == pytest.approx([0.0, 1.0, 1.0, 0.375, 0.5])
     assert math.isnan(rows[5]["gain at equal speed"]) and math.isnan(rows[5]["KL over bipartite's at equal speed"])
+
+
+def test_equal_speed_counts_bipartites_points_slower_only_within_the_rows_spread_by_hand():
+    rows = [
+        {"mode": "bipartite", "images/s": 95.0, "spread %": 2.0, "accuracy %": 70.0, "KL": 0.2},
+        {"mode": "ward", "images/s": 100.0, "spread %": 4.0, "accuracy %": 71.0, "KL": 0.1},  # 95 >= 96? no
+        {"mode": "ward", "images/s": 98.0, "spread %": 4.0, "accuracy %": 71.0, "KL": 0.1},  # 95 >= 94.08: yes
+    ]
+    rows = merge_task.add_equal_speed_columns(rows)
+    assert math.isnan(rows[1]["gain at equal speed"])
+    assert rows[2]["gain at equal speed"] == pytest.approx(1.0) and rows[2][merge_task.KL_AT_EQUAL_SPEED] == 0.5
+
+
+def test_frontier_columns_by_hand():
+    rows = [
+        {"mode": "none", "images/s": 10.0, "accuracy %": 80.0, "KL": 0.0},  # most accurate, no KL: on both
+        {"mode": "bipartite", "images/s": 20.0, "accuracy %": 70.0, "KL": 0.3},  # fastest: on both
+        {"mode": "ward", "images/s": 15.0, "accuracy %": 75.0, "KL": 0.4},  # on accuracy; 20 has less KL
+        {"mode": "ward", "images/s": 12.0, "accuracy %": 74.0, "KL": 0.1},  # 15 beats it on accuracy; on KL
+    ]
+    rows = merge_task.add_frontier_columns(rows)
+    assert [row["frontier accuracy"] for row in rows] == ["yes", "yes", "yes", "no"]
+    assert [row["frontier KL"] for row in rows] == ["yes", "yes", "no", "yes"]
+
+
+def test_pooled_speed_by_hand():
+    from conformer_vit.sweep import Timing
+
+    runs = [{"a": Timing(0, 0, [10.0, 12.0, 11.0])}, {"a": Timing(0, 0, [14.0, 13.0, 15.0])}]
+    median, spread = merge_task.pooled_speed(runs)["a"]
+    # all rounds 10..15: median 12.5; quartiles (exclusive method) 10.75 and 14.25; run medians 11 and 14
+    assert median == 12.5 and spread == pytest.approx(100 * 3.5 / 12.5)
+    runs = [{"a": Timing(0, 0, [10.0, 10.0, 10.0, 20.0])}]  # one run: the rounds' interquartile range
+    assert merge_task.pooled_speed(runs)["a"] == pytest.approx((10.0, 100 * (17.5 - 10.0) / 10.0))
+
+
+def test_base_model_must_be_a_folder_saved_by_this_script(tmp_path, capsys):
+    with pytest.raises(SystemExit) as error:
+        merge_task.parse_args(["--base_model", str(tmp_path)])
+    assert error.value.code == 2 and "holds no merge_task_training.json" in capsys.readouterr().err
+    (tmp_path / "merge_task_training.json").write_text('{"hidden_size": 8}')
+    with pytest.raises(SystemExit) as error:
+        merge_task.parse_args(["--base_model", str(tmp_path)])
+    assert error.value.code == 2 and "is not a recipe of this script" in capsys.readouterr().err
 
 
 def test_merge_share_is_a_share_of_layer_plus_merge_for_every_mode():
