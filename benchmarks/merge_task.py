@@ -306,10 +306,27 @@ def result_row(mode, r, schedule, num_tokens, logits, test, reference_logits) ->
     }
 
 
+def timing_key(row: dict) -> tuple:
+    """The key of a row's setting in `measure_speed`'s timings."""
+    return (None, 0) if row["mode"] == "none" else (row["mode"], row["r"])
+
+
+def slower_beyond_noise(runs: list[dict], key, than) -> bool:
+    """Whether setting `key` ran slower than `than` in every timing run by more than the rounds' noise: the upper
+    quartile of its per-round speed ratio to `than` below 1. The rounds are interleaved, so each ratio pairs two
+    timings taken moments apart, and a change of machine load falls on both."""
+    for run in runs:
+        ratios = [mine / theirs for mine, theirs in zip(run[key].samples, run[than].samples)]
+        upper_quartile = statistics.quantiles(ratios, n=4)[2] if len(ratios) > 1 else ratios[0]
+        if upper_quartile >= 1:
+            return False
+    return True
+
+
 def add_speed(rows: list[dict], speed: dict) -> list[dict]:
     """images/s, spread % and speed-up over the unmerged model (`pooled_speed`'s) beside each row."""
     for row in rows:
-        key = (None, 0) if row["mode"] == "none" else (row["mode"], row["r"])
+        key = timing_key(row)
         row["images/s"], row["spread %"] = speed[key]
         row["speed-up"] = row["images/s"] / speed[(None, 0)][0]
     return rows
@@ -352,19 +369,19 @@ def fine_tuned(base, schedule_of: dict, train_set, test, num_tokens: int, epochs
 KL_AT_EQUAL_SPEED = f"KL over {REFERENCE_MODE}'s at equal speed"
 
 
-def add_equal_speed_columns(rows: list[dict]) -> list[dict]:
+def add_equal_speed_columns(rows: list[dict], as_fast=None) -> list[dict]:
     """Beside each row, the best the reference mode does with any of its schedules at the same speed or faster: its
-    highest accuracy among its points measured at least as fast as the row, less the row's timing spread ("-" where
-    none is), the difference, and the row's KL over the reference's lowest KL there (below 1: the predictions move
-    less than bipartite's at equal speed). Counting the reference's points that are slower only within the spread
-    makes a gain hold outside the noise of the timings. The unmerged model is not a reference point: on a small model
-    it can run faster than bipartite."""
-    points = [(row["images/s"], row["accuracy %"], row["KL"]) for row in rows if row["mode"] == REFERENCE_MODE]
+    highest accuracy among its points that are `as_fast(point, row)` ("-" where none is), the difference, and the
+    row's KL over the reference's lowest KL there (below 1: the predictions move less than bipartite's at equal
+    speed). By default a point is as fast when its median images/s is at least the row's; `main` passes
+    `not slower_beyond_noise`, so that a gain holds outside the noise of the timings. The unmerged model is not a
+    reference point: on a small model it can run faster than bipartite."""
+    as_fast = as_fast or (lambda point, row: point["images/s"] >= row["images/s"])
+    points = [row for row in rows if row["mode"] == REFERENCE_MODE]
     for row in rows:
-        slowest = row["images/s"] * (1 - row.get("spread %", 0.0) / 100)
-        as_fast = [(accuracy, kl) for speed, accuracy, kl in points if speed >= slowest]
-        best_accuracy = max((accuracy for accuracy, _ in as_fast), default=math.nan)
-        best_kl = min((kl for _, kl in as_fast), default=math.nan)
+        as_fast_points = [point for point in points if as_fast(point, row)]
+        best_accuracy = max((point["accuracy %"] for point in as_fast_points), default=math.nan)
+        best_kl = min((point["KL"] for point in as_fast_points), default=math.nan)
         row[f"{REFERENCE_MODE} at same images/s"] = best_accuracy
         row["gain at equal speed"] = row["accuracy %"] - best_accuracy
         row[KL_AT_EQUAL_SPEED] = row["KL"] / best_kl if best_kl > 0 else math.nan
@@ -591,8 +608,12 @@ def main(argv=None) -> str:
     for _ in range(args.timing_runs - 1):
         timing_runs.append(measure_speed(base, schedule_of, test["images"], args.timing_batch, args.timing_repeats))
     speed = pooled_speed(timing_runs)
+
+    def as_fast(point: dict, row: dict) -> bool:
+        return not slower_beyond_noise(timing_runs, timing_key(point), timing_key(row))
+
     tables = {
-        heading: add_frontier_columns(add_equal_speed_columns(add_speed(rows, speed)))
+        heading: add_frontier_columns(add_equal_speed_columns(add_speed(rows, speed), as_fast))
         for heading, rows in tables.items()
     }
     source = f" (loaded from {args.base_model})" if args.base_model else ""
@@ -607,7 +628,8 @@ def main(argv=None) -> str:
         f"KL(unmerged || merged) on the test set. images/s: median of {args.timing_runs} separate timing run(s) of "
         f"{args.timing_repeats} round-robin rounds at batch {args.timing_batch} (spread: the larger of the rounds' "
         f"interquartile range and the runs' range), torch {torch.__version__}, {args.threads} thread(s), seed "
-        f"{args.seed}; bipartite's points count as equally fast down to a row's speed less its spread. This run took "
+        f"{args.seed}; a bipartite point counts as at least as fast as a row unless, in every timing run, the upper "
+        f"quartile of its per-round speed ratio to the row is below 1. This run took "
         f"{time.perf_counter() - start:.0f} s."
     )
     if args.share_batch:

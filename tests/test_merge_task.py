@@ -170,15 +170,31 @@ def test_equal_speed_columns_take_bipartites_best_schedule_at_the_same_speed_or_
     assert math.isnan(rows[5]["gain at equal speed"]) and math.isnan(rows[5]["KL over bipartite's at equal speed"])
 
 
-def test_equal_speed_counts_bipartites_points_slower_only_within_the_rows_spread_by_hand():
+def test_equal_speed_drops_bipartites_points_only_when_every_run_times_them_slower_by_hand():
+    from conformer_vit.sweep import Timing
+
+    run = {  # three interleaved rounds: the quartiles of three ratios are the lowest, middle and highest
+        ("bipartite", 1): Timing(0, 0, [95.0, 90.0, 99.0]),
+        ("ward", 1): Timing(0, 0, [100.0, 100.0, 100.0]),  # bipartite / ward: 0.95, 0.90, 0.99, all below 1
+        ("ward", 2): Timing(0, 0, [97.0, 88.0, 98.0]),  # 0.979, 1.023, 1.010: bipartite is as fast in one round
+    }
+    assert merge_task.slower_beyond_noise([run], ("bipartite", 1), ("ward", 1))
+    assert not merge_task.slower_beyond_noise([run], ("bipartite", 1), ("ward", 2))
+    as_fast_again = {key: Timing(0, 0, [100.0, 100.0, 100.0]) for key in run}  # a second run: all alike
+    assert not merge_task.slower_beyond_noise([run, as_fast_again], ("bipartite", 1), ("ward", 1))
     rows = [
-        {"mode": "bipartite", "images/s": 95.0, "spread %": 2.0, "accuracy %": 70.0, "KL": 0.2},
-        {"mode": "ward", "images/s": 100.0, "spread %": 4.0, "accuracy %": 71.0, "KL": 0.1},  # 95 >= 96? no
-        {"mode": "ward", "images/s": 98.0, "spread %": 4.0, "accuracy %": 71.0, "KL": 0.1},  # 95 >= 94.08: yes
+        {"mode": "bipartite", "r": 1, "images/s": 95.0, "accuracy %": 70.0, "KL": 0.2},
+        {"mode": "ward", "r": 1, "images/s": 100.0, "accuracy %": 71.0, "KL": 0.1},
+        {"mode": "ward", "r": 2, "images/s": 97.0, "accuracy %": 71.0, "KL": 0.1},
     ]
-    rows = merge_task.add_equal_speed_columns(rows)
-    assert math.isnan(rows[1]["gain at equal speed"])
+
+    def as_fast(point, row):
+        return not merge_task.slower_beyond_noise([run], merge_task.timing_key(point), merge_task.timing_key(row))
+
+    rows = merge_task.add_equal_speed_columns(rows, as_fast)
+    assert math.isnan(rows[1]["gain at equal speed"])  # bipartite is slower beyond the noise: no point to compare
     assert rows[2]["gain at equal speed"] == pytest.approx(1.0) and rows[2][merge_task.KL_AT_EQUAL_SPEED] == 0.5
+    assert rows[0]["gain at equal speed"] == 0.0  # the reference against itself: ratios of 1
 
 
 def test_frontier_columns_by_hand():
