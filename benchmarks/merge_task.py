@@ -51,6 +51,7 @@ from conformer_vit.sweep import (  # noqa: E402
     accuracy,
     mean_kl,
     predict_settings,
+    quartiles,
     setting_models,
     time_interleaved,
 )
@@ -287,9 +288,8 @@ def pooled_speed(runs: list[dict]) -> dict:
     for key in runs[0]:
         samples = [value for run in runs for value in run[key].samples]
         run_medians = [statistics.median(run[key].samples) for run in runs]
-        median = statistics.median(samples)
-        quartiles = statistics.quantiles(samples, n=4) if len(samples) > 1 else [median] * 3
-        spread = max(quartiles[2] - quartiles[0], max(run_medians) - min(run_medians))
+        lower, median, upper = quartiles(samples)
+        spread = max(upper - lower, max(run_medians) - min(run_medians))
         speed[key] = (median, 100 * spread / median)
     return speed
 
@@ -317,8 +317,7 @@ def slower_beyond_noise(runs: list[dict], key, than) -> bool:
     timings taken moments apart, and a change of machine load falls on both."""
     for run in runs:
         ratios = [mine / theirs for mine, theirs in zip(run[key].samples, run[than].samples)]
-        upper_quartile = statistics.quantiles(ratios, n=4)[2] if len(ratios) > 1 else ratios[0]
-        if upper_quartile >= 1:
+        if quartiles(ratios)[2] >= 1:
             return False
     return True
 

@@ -195,6 +195,12 @@ class Timing:
     calls_per_sample: int = 1
 
 
+def quartiles(values: list[float]) -> list[float]:
+    """The lower quartile, median and upper quartile of `values` (statistics' exclusive method); one value is all
+    three."""
+    return statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+
+
 def synchronize(device: torch.device | str):
     """Wait for the device's queued work (on CUDA a forward returns before the GPU is done)."""
     if torch.device(device).type == "cuda":
@@ -257,9 +263,8 @@ def time_interleaved(
         bar.close()
     timings = {}
     for key, values in samples.items():
-        median = statistics.median(values)
-        quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-        timings[key] = Timing(median, 100 * (quartiles[2] - quartiles[0]) / median, values, calls_of[key])
+        lower, median, upper = quartiles(values)
+        timings[key] = Timing(median, 100 * (upper - lower) / median, values, calls_of[key])
     return timings
 
 
