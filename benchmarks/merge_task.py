@@ -315,11 +315,64 @@ def slower_beyond_noise(runs: list[dict], key, than) -> bool:
     """Whether setting `key` ran slower than `than` in every timing run by more than the rounds' noise: the upper
     quartile of its per-round speed ratio to `than` below 1. The rounds are interleaved, so each ratio pairs two
     timings taken moments apart, and a change of machine load falls on both."""
-    for run in runs:
-        ratios = [mine / theirs for mine, theirs in zip(run[key].samples, run[than].samples)]
-        if quartiles(ratios)[2] >= 1:
-            return False
-    return True
+    return all(quartiles(round_ratios(run, key, than))[2] < 1 for run in runs)
+
+
+def round_ratios(run: dict, key, than) -> list[float]:
+    """images/s of `key` over `than`'s in each round of a timing run."""
+    return [mine / theirs for mine, theirs in zip(run[key].samples, run[than].samples)]
+
+
+def time_head_to_head(models: dict, inputs, repeats: int, runs: int) -> list[dict]:
+    """`runs` timing runs of just these models (a bipartite point and a row), interleaved: with two models a round
+    lasts a fraction of a second, so the two timings of a ratio are taken closer together than in the run of every
+    setting."""
+    return [time_interleaved(models, inputs, repeats, warmup=1, calls=1) for _ in range(runs)]
+
+
+def doubtful_points(rows: list[dict], as_fast) -> list[tuple[dict, dict]]:
+    """(bipartite point, row) pairs whose timing decides a row's equal-speed columns: for each merged row of another
+    mode, the bipartite points slower at the median that `as_fast` still counts as fast as the row, and that would
+    change its columns (higher accuracy or lower KL than every bipartite point at least as fast at the median), best
+    KL first."""
+    points = [row for row in rows if row["mode"] == REFERENCE_MODE]
+    pairs = []
+    for row in rows:
+        if row["mode"] in ("none", REFERENCE_MODE):
+            continue
+        counted = [point for point in points if as_fast(point, row)]
+        surely = [point for point in counted if point["images/s"] >= row["images/s"]]
+        doubtful = [point for point in counted if point["images/s"] < row["images/s"]]
+        best_accuracy = max((point["accuracy %"] for point in surely), default=-math.inf)
+        best_kl = min((point["KL"] for point in surely), default=math.inf)
+        for point in sorted(doubtful, key=lambda point: point["KL"]):
+            if point["accuracy %"] > best_accuracy or point["KL"] < best_kl:
+                pairs.append((point, row))
+    return pairs
+
+
+def confirm_head_to_head(tables: dict, as_fast, time_pair) -> tuple[dict, list[dict]]:
+    """Times each of `doubtful_points`' pairs alone (`time_pair(point key, row key)` returns the runs of
+    `time_head_to_head`) and rules a point slower when `slower_beyond_noise` says so there. Returns
+    `{(point key, row key): slower}` for every pair timed, once per pair across the tables, and one report row each."""
+    verdicts, report = {}, []
+    for rows in tables.values():
+        for point, row in doubtful_points(rows, as_fast):
+            keys = (timing_key(point), timing_key(row))
+            if keys in verdicts:
+                continue
+            runs = time_pair(*keys)
+            verdicts[keys] = slower_beyond_noise(runs, *keys)
+            ratios = [quartiles(round_ratios(run, *keys)) for run in runs]
+            report.append({
+                "setting": f"{row['mode']} {row['r']}",
+                f"{REFERENCE_MODE} point": str(point["r"]),
+                "speed ratio per round, quartiles of each run": "; ".join(
+                    "/".join(f"{value:.2f}" for value in run) for run in ratios
+                ),
+                "verdict": "slower" if verdicts[keys] else "as fast",
+            })  # fmt: skip
+    return verdicts, report
 
 
 def add_speed(rows: list[dict], speed: dict) -> list[dict]:
@@ -366,6 +419,10 @@ def fine_tuned(base, schedule_of: dict, train_set, test, num_tokens: int, epochs
 
 
 KL_AT_EQUAL_SPEED = f"KL over {REFERENCE_MODE}'s at equal speed"
+HEAD_TO_HEAD_NOTE = (
+    "; where such a point is slower at the median and would change a row's columns, the two are timed again alone, "
+    "interleaved, in as many runs, and that rule applied to those rounds decides"
+)
 
 
 def add_equal_speed_columns(rows: list[dict], as_fast=None) -> list[dict]:
@@ -529,6 +586,10 @@ def parse_args(argv=None):
     add("--timing_batch", type=int, default=64, help="batch size of the images/s measurement")
     add("--timing_repeats", type=int, default=9, help="rounds per timing run (the median is reported)")
     add("--timing_runs", type=int, default=2, help="separate timing runs (one before the evaluation, the rest last)")
+    add(
+        "--head_to_head", action=argparse.BooleanOptionalAction, default=True,
+        help="time each bipartite point that is slower at the median but within the noise alone against the setting",
+    )  # fmt: skip
     add("--threads", type=int, default=2, help="torch threads")
     add("--seed", type=int, default=0, help="seed of the data and of training")
     add("--results_dir", type=Path, default=RESULTS_DIR, help="folder of the results")
@@ -608,13 +669,26 @@ def main(argv=None) -> str:
         timing_runs.append(measure_speed(base, schedule_of, test["images"], args.timing_batch, args.timing_repeats))
     speed = pooled_speed(timing_runs)
 
-    def as_fast(point: dict, row: dict) -> bool:
+    def as_fast_in_the_run(point: dict, row: dict) -> bool:
         return not slower_beyond_noise(timing_runs, timing_key(point), timing_key(row))
 
-    tables = {
-        heading: add_frontier_columns(add_equal_speed_columns(add_speed(rows, speed), as_fast))
-        for heading, rows in tables.items()
-    }
+    tables = {heading: add_speed(rows, speed) for heading, rows in tables.items()}
+    verdicts, head_to_head = {}, []
+    if args.head_to_head:
+        settings_by_key = settings_of(schedule_of)
+        inputs = to_pixel_values(test["images"][: args.timing_batch])
+
+        def time_pair(*keys) -> list[dict]:
+            models = setting_models(base, [settings_by_key[key] for key in keys]).values()
+            return time_head_to_head(dict(zip(keys, models)), inputs, args.timing_repeats, args.timing_runs)
+
+        print("Timing doubtful bipartite points head to head", flush=True)
+        verdicts, head_to_head = confirm_head_to_head(tables, as_fast_in_the_run, time_pair)
+
+    def as_fast(point: dict, row: dict) -> bool:
+        return as_fast_in_the_run(point, row) and not verdicts.get((timing_key(point), timing_key(row)), False)
+
+    tables = {heading: add_frontier_columns(add_equal_speed_columns(rows, as_fast)) for heading, rows in tables.items()}
     source = f" (loaded from {args.base_model})" if args.base_model else ""
     settings = (
         f"{args.train_images} training / {args.test_images} test images of {args.image_size} px in "
@@ -628,9 +702,12 @@ def main(argv=None) -> str:
         f"{args.timing_repeats} round-robin rounds at batch {args.timing_batch} (spread: the larger of the rounds' "
         f"interquartile range and the runs' range), torch {torch.__version__}, {args.threads} thread(s), seed "
         f"{args.seed}; a bipartite point counts as at least as fast as a row unless, in every timing run, the upper "
-        f"quartile of its per-round speed ratio to the row is below 1. This run took "
+        f"quartile of its per-round speed ratio to the row is below 1"
+        f"{HEAD_TO_HEAD_NOTE if args.head_to_head else ''}. This run took "
         f"{time.perf_counter() - start:.0f} s."
     )
+    if head_to_head:
+        tables["Bipartite points timed alone against a setting"] = head_to_head
     if args.share_batch:
         first_r = args.r_values[0]
         shapes = {

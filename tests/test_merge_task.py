@@ -112,14 +112,16 @@ def test_smallest_setting_runs_end_to_end(tmp_path):
     assert kl_ratio == 1.0 or math.isnan(kl_ratio)  # NaN: the merges moved no prediction (KL 0)
     assert (tmp_path / "merge_task.png").stat().st_size > 0
     assert all(float(row["spread %"]) >= 0 for row in rows) and "2 separate timing run(s)" in text
+    assert "timed again alone" in text
 
     # The saved model and its recipe give the same model and data again: the same qualities, no training
     again = merge_task.main(
         ["--base_model", str(tmp_path / "model"), "--test_images", "16", "--r_values", "8", "--finetune_r"]
         + ["--timing_batch", "4", "--timing_repeats", "1", "--timing_runs", "1", "--share_batch", "0"]
         + ["--results_dir", str(tmp_path), "--name", "again", "--hidden_size", "99"]  # the recipe's width wins
+        + ["--no-head_to_head"]
     )
-    assert "Training without merging" not in again and "width 16" in again
+    assert "Training without merging" not in again and "width 16" in again and "timed again alone" not in again
     with open(tmp_path / "again.csv") as handle:
         rerun = list(csv.DictReader(handle))
     assert [(row["mode"], row["accuracy %"], row["KL"]) for row in rerun] == [
@@ -195,6 +197,49 @@ def test_equal_speed_drops_bipartites_points_only_when_every_run_times_them_slow
     assert math.isnan(rows[1]["gain at equal speed"])  # bipartite is slower beyond the noise: no point to compare
     assert rows[2]["gain at equal speed"] == pytest.approx(1.0) and rows[2][merge_task.KL_AT_EQUAL_SPEED] == 0.5
     assert rows[0]["gain at equal speed"] == 0.0  # the reference against itself: ratios of 1
+
+
+def test_doubtful_bipartite_points_are_timed_alone_once_and_only_where_they_decide_a_column_by_hand():
+    from conformer_vit.sweep import Timing
+
+    def row(mode, r, speed, accuracy, kl):
+        return {"mode": mode, "r": r, "images/s": speed, "accuracy %": accuracy, "KL": kl}
+
+    off_the_shelf = [
+        row("none", 0, 90.0, 80.0, 0.0),
+        row("bipartite", 1, 120.0, 70.0, 0.5),  # faster than the ward row: counts without a doubt
+        row("bipartite", 2, 95.0, 72.0, 0.2),  # slower at the median, better: decides the columns
+        row("bipartite", 3, 97.0, 69.0, 0.6),  # slower at the median, worse than 1 on both: changes nothing
+        row("bipartite", 4, 60.0, 75.0, 0.1),  # slower beyond the noise in the run of every setting
+        row("ward", 1, 100.0, 71.0, 0.3),
+    ]
+    fine_tuned = [dict(item) for item in off_the_shelf]  # the same settings again: no pair is timed twice
+
+    def as_fast_in_the_run(point, row):
+        return point["r"] != 4
+
+    timed = []
+
+    def time_pair(point_key, row_key):  # alone, bipartite 2 is slower in every round of both runs
+        timed.append((point_key, row_key))
+        run = {point_key: Timing(0, 0, [95.0, 94.0, 96.0]), row_key: Timing(0, 0, [100.0, 100.0, 100.0])}
+        return [run, run]
+
+    tables = {"off the shelf": off_the_shelf, "fine-tuned": fine_tuned}
+    verdicts, report = merge_task.confirm_head_to_head(tables, as_fast_in_the_run, time_pair)
+    assert timed == [(("bipartite", 2), ("ward", 1))] and verdicts == {tuple(timed[0]): True}
+    assert report == [{
+        "setting": "ward 1", "bipartite point": "2", "speed ratio per round, quartiles of each run":
+        "0.94/0.95/0.96; 0.94/0.95/0.96", "verdict": "slower",
+    }]  # fmt: skip
+
+    def as_fast(point, row):
+        keys = (merge_task.timing_key(point), merge_task.timing_key(row))
+        return as_fast_in_the_run(point, row) and not verdicts.get(keys, False)
+
+    ward = merge_task.add_equal_speed_columns(off_the_shelf, as_fast)[-1]
+    # bipartite 1 and 3 remain: best accuracy 70, least KL 0.5
+    assert ward["gain at equal speed"] == pytest.approx(1.0) and ward[merge_task.KL_AT_EQUAL_SPEED] == 0.6
 
 
 def test_frontier_columns_by_hand():
