@@ -375,6 +375,15 @@ def confirm_head_to_head(tables: dict, as_fast, time_pair) -> tuple[dict, list[d
     return verdicts, report
 
 
+def overruled(as_fast, verdicts: dict):
+    """`as_fast`, except for the pairs that `confirm_head_to_head` ruled slower."""
+
+    def as_fast_after_head_to_head(point: dict, row: dict) -> bool:
+        return as_fast(point, row) and not verdicts.get((timing_key(point), timing_key(row)), False)
+
+    return as_fast_after_head_to_head
+
+
 def add_speed(rows: list[dict], speed: dict) -> list[dict]:
     """images/s, spread % and speed-up over the unmerged model (`pooled_speed`'s) beside each row."""
     for row in rows:
@@ -685,9 +694,7 @@ def main(argv=None) -> str:
         print("Timing doubtful bipartite points head to head", flush=True)
         verdicts, head_to_head = confirm_head_to_head(tables, as_fast_in_the_run, time_pair)
 
-    def as_fast(point: dict, row: dict) -> bool:
-        return as_fast_in_the_run(point, row) and not verdicts.get((timing_key(point), timing_key(row)), False)
-
+    as_fast = overruled(as_fast_in_the_run, verdicts)
     tables = {heading: add_frontier_columns(add_equal_speed_columns(rows, as_fast)) for heading, rows in tables.items()}
     source = f" (loaded from {args.base_model})" if args.base_model else ""
     settings = (
