@@ -272,13 +272,19 @@ def settings_of(schedule_of: dict) -> dict:
     return settings
 
 
-def measure_speed(base, schedule_of: dict, test_images, batch_size: int, repeats: int) -> dict:
-    """The `conformer_vit.sweep.Timing` of the unmerged model (key (None, 0)) and of every (mode, r), all timed in one
-    interleaved run."""
+def models_by_key(base, schedule_of: dict) -> dict:
+    """`settings_of`'s keys -> `base` under that setting (every model shares `base`'s weights)."""
     settings = settings_of(schedule_of)
-    models = setting_models(base, settings.values())
-    timed = time_interleaved(models, to_pixel_values(test_images[:batch_size]), repeats, warmup=1, calls=1)
-    return {key: timed[setting] for key, setting in settings.items()}
+    built = setting_models(base, settings.values())
+    return {key: built[setting] for key, setting in settings.items()}
+
+
+def measure_speed(models: dict, inputs, repeats: int, keys=None) -> dict:
+    """The `conformer_vit.sweep.Timing` of each model of `keys` (by default all: the unmerged model, key (None, 0), and
+    every (mode, r)), timed in one interleaved run. A run of two lasts a fraction of a second a round, so the two
+    timings of a ratio are taken closer together than in the run of every setting."""
+    keys = list(models) if keys is None else keys
+    return time_interleaved({key: models[key] for key in keys}, inputs, repeats, warmup=1, calls=1)
 
 
 def pooled_speed(runs: list[dict]) -> dict:
@@ -323,13 +329,6 @@ def round_ratios(run: dict, key, than) -> list[float]:
     return [mine / theirs for mine, theirs in zip(run[key].samples, run[than].samples)]
 
 
-def time_head_to_head(models: dict, inputs, repeats: int, runs: int) -> list[dict]:
-    """`runs` timing runs of just these models (a bipartite point and a row), interleaved: with two models a round
-    lasts a fraction of a second, so the two timings of a ratio are taken closer together than in the run of every
-    setting."""
-    return [time_interleaved(models, inputs, repeats, warmup=1, calls=1) for _ in range(runs)]
-
-
 def doubtful_points(rows: list[dict], as_fast) -> list[tuple[dict, dict]]:
     """(bipartite point, row) pairs whose timing decides a row's equal-speed columns: for each merged row of another
     mode, the bipartite points slower at the median that `as_fast` still counts as fast as the row, and that would
@@ -352,8 +351,8 @@ def doubtful_points(rows: list[dict], as_fast) -> list[tuple[dict, dict]]:
 
 
 def confirm_head_to_head(tables: dict, as_fast, time_pair) -> tuple[dict, list[dict]]:
-    """Times each of `doubtful_points`' pairs alone (`time_pair(point key, row key)` returns the runs of
-    `time_head_to_head`) and rules a point slower when `slower_beyond_noise` says so there. Returns
+    """Times each of `doubtful_points`' pairs alone (`time_pair(point key, row key)` returns runs of `measure_speed`
+    on just the two) and rules a point slower when `slower_beyond_noise` says so there. Returns
     `{(point key, row key): slower}` for every pair timed, once per pair across the tables, and one report row each."""
     verdicts, report = {}, []
     for rows in tables.values():
@@ -393,21 +392,21 @@ def add_speed(rows: list[dict], speed: dict) -> list[dict]:
     return rows
 
 
-def off_the_shelf(base, schedule_of: dict, test, num_tokens: int, batch_size: int = 256) -> list[dict]:
-    """The trained model evaluated with every mode and r, weights unchanged (`conformer_vit.sweep`'s evaluation: every
-    setting shares the weights and reads each batch once)."""
-    settings = settings_of(schedule_of)
+def off_the_shelf(models: dict, schedule_of: dict, test, num_tokens: int, batch_size: int = 256) -> list[dict]:
+    """The trained model evaluated with every mode and r (`models_by_key`'s), weights unchanged
+    (`conformer_vit.sweep`'s evaluation: every setting shares the weights and reads each batch once)."""
     batches = (
         {"pixel_values": to_pixel_values(test["images"][start : start + batch_size]),
          "labels": test["labels"][start : start + batch_size]}
         for start in range(0, len(test["images"]), batch_size)
     )  # fmt: skip
-    logits, _, _, _ = predict_settings(setting_models(base, settings.values()), batches, progress=False)
-    reference_logits = logits[UNMERGED]
+    logits, _, _, _ = predict_settings(models, batches, progress=False)
+    reference_logits = logits[(None, 0)]
+    unmerged = [0] * models[(None, 0)].config.num_hidden_layers
     rows = []
-    for (mode, r), setting in settings.items():
-        schedule = schedule_of[r] if mode else [0] * base.config.num_hidden_layers
-        rows.append(result_row(mode, r, schedule, num_tokens, logits[setting], test, reference_logits))
+    for (mode, r), setting_logits in logits.items():
+        schedule = schedule_of[r] if mode else unmerged
+        rows.append(result_row(mode, r, schedule, num_tokens, setting_logits, test, reference_logits))
     return rows
 
 
@@ -663,8 +662,10 @@ def main(argv=None) -> str:
     base = base_model(args, train_set, test)
     num_tokens = base.config.num_prefix_tokens + base.config.num_patches
     schedule_of = schedules(args.r_values, num_tokens, args.layers, args.staged_layers)
-    timing_runs = [measure_speed(base, schedule_of, test["images"], args.timing_batch, args.timing_repeats)]
-    tables = {"Off the shelf": off_the_shelf(base, schedule_of, test, num_tokens)}
+    models = models_by_key(base, schedule_of)
+    timing_inputs = to_pixel_values(test["images"][: args.timing_batch])
+    timing_runs = [measure_speed(models, timing_inputs, args.timing_repeats)]
+    tables = {"Off the shelf": off_the_shelf(models, schedule_of, test, num_tokens)}
     if args.finetune_r:
         labels = [str(r) for r in args.finetune_r] + [f"staged {r}" for r in args.finetune_r if args.staged_layers]
         finetune_schedules = {label: schedule_of[label] for label in labels}
@@ -675,7 +676,7 @@ def main(argv=None) -> str:
         )  # fmt: skip
         tables[f"After {args.finetune_epochs} epoch(s) of fine-tuning with merging on"] = rows
     for _ in range(args.timing_runs - 1):
-        timing_runs.append(measure_speed(base, schedule_of, test["images"], args.timing_batch, args.timing_repeats))
+        timing_runs.append(measure_speed(models, timing_inputs, args.timing_repeats))
     speed = pooled_speed(timing_runs)
 
     def as_fast_in_the_run(point: dict, row: dict) -> bool:
@@ -684,12 +685,9 @@ def main(argv=None) -> str:
     tables = {heading: add_speed(rows, speed) for heading, rows in tables.items()}
     verdicts, head_to_head = {}, []
     if args.head_to_head:
-        settings_by_key = settings_of(schedule_of)
-        inputs = to_pixel_values(test["images"][: args.timing_batch])
 
         def time_pair(*keys) -> list[dict]:
-            models = setting_models(base, [settings_by_key[key] for key in keys]).values()
-            return time_head_to_head(dict(zip(keys, models)), inputs, args.timing_repeats, args.timing_runs)
+            return [measure_speed(models, timing_inputs, args.timing_repeats, keys) for _ in range(args.timing_runs)]
 
         print("Timing doubtful bipartite points head to head", flush=True)
         verdicts, head_to_head = confirm_head_to_head(tables, as_fast_in_the_run, time_pair)
